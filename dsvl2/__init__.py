@@ -1,0 +1,3 @@
+"""dsvl2: DeepSeek-VL2 in plain PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,181 @@
+"""Load and save DeepSeek-VL2 checkpoints in the Hugging Face layout (safetensors, single or sharded).
+
+Loading builds the model on the meta device (no memory), checks every tensor name and shape
+against the file headers before reading any data, then reads tensors one at a time straight
+into their final storage. Files are read with plain `readinto` rather than memory-mapped, so the
+pages of the file never count a second time against the process's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from dsvl2.config import ModelConfig, load_model_config
+from dsvl2.model import DeepseekVL2
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# Router parameters stay in float32 whatever dtype the model is loaded in.
+FLOAT32_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file cannot be loaded; the message names the tensors or file."""
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, byte offset of the data section) of a safetensors file, validated."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, no header")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path} is truncated or corrupt: header of {header_len} bytes in a {size}-byte file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path} has an unreadable header: {exc}") from exc
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if data_start + end > size:
+        raise CheckpointError(f"{path} is truncated: tensors need {data_start + end} bytes, the file has {size}")
+    return header, data_start
+
+
+def _read_tensor(f, entry: dict, data_start: int, path: Path, name: str) -> torch.Tensor:
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+    tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+    if buffer.nbytes != end - begin:
+        raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes for shape {entry['shape']}")
+    f.seek(data_start + begin)
+    if f.readinto(memoryview(buffer)) != buffer.nbytes:
+        raise CheckpointError(f"{path}: tensor {name} is truncated")
+    return tensor
+
+
+def iter_tensors(files: list[Path], headers: dict[Path, tuple[dict, int]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        entries, data_start = headers[path]
+        with path.open("rb", buffering=0) as f:
+            for name, entry in entries.items():
+                yield name, _read_tensor(f, entry, data_start, path, name)
+
+
+def _describe(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_names_and_shapes(model: nn.Module, found: dict[str, list[int]], tied: set[str]) -> None:
+    expected = {name: list(p.shape) for name, p in model.named_parameters()}
+    missing = sorted(n for n in expected if n not in found and n not in tied)
+    unexpected = sorted(n for n in found if n not in expected and n not in tied)
+    wrong = sorted(
+        f"{n} (checkpoint {found[n]}, model {expected[n]})"
+        for n in expected if n in found and found[n] != expected[n]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_describe(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_describe(wrong)}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> DeepseekVL2:
+    with torch.device(device):
+        return DeepseekVL2(cfg)
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> DeepseekVL2:
+    """A DeepseekVL2 in `dtype` on `device` from a checkpoint directory, in eval mode."""
+    cfg = load_model_config(model_dir)
+    files = checkpoint_files(model_dir)
+    headers = {path: read_header(path) for path in files}
+    found = {name: entry["shape"] for entries, _ in headers.values() for name, entry in entries.items()}
+    model = build_model(cfg)
+    tied = {"language.lm_head.weight"} if cfg.language.tie_word_embeddings else set()
+    check_names_and_shapes(model, found, tied)
+    tensors = iter_tensors(files, headers)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(found), desc="loading weights", unit="tensor")
+    for name, tensor in tensors:
+        if name in tied:
+            continue
+        target = torch.float32 if name.endswith(FLOAT32_SUFFIXES) or not tensor.is_floating_point() else dtype
+        _set_parameter(model, name, tensor.to(device=device, dtype=target))
+    if cfg.language.tie_word_embeddings:
+        model.language.lm_head.weight = model.language.model.embed_tokens.weight
+    return model.eval()
+
+
+def save_model(model: DeepseekVL2, model_dir: str | Path, config: dict, max_shard_bytes: int | None = None) -> None:
+    """Write `config.json` and the weights (sharded with an index above `max_shard_bytes`)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(model_dir / fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (model_dir / "config.json").write_text(json.dumps(config, indent=1))

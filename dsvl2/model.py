@@ -1,0 +1,146 @@
+"""DeepseekVL2: vision encoder + projector + DeepSeekMoE language model, joined at the image tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dsvl2.config import ModelConfig
+from dsvl2.language.attention import AttentionCache
+from dsvl2.language.model import DeepseekV2ForCausalLM, causal_mask, shifted_cross_entropy
+from dsvl2.projector import Projector, layout_image_tokens
+from dsvl2.vision.siglip import VisionTransformer
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    expert_indices: list[torch.Tensor] = field(default_factory=list)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence positions of a left-padded batch, so each row matches the row alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def image_crops(images_spatial_crop: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per sample, the (num_width_tiles, num_height_tiles) of each image; zero rows are padding."""
+    out = []
+    for row in images_spatial_crop.tolist():
+        crops = []
+        for w, h in row:
+            if w == 0 or h == 0:
+                break
+            crops.append((w, h))
+        out.append(crops)
+    return out
+
+
+class DeepseekVL2(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision)
+        self.projector = Projector(cfg.projector)
+        self.image_newline = nn.Parameter(torch.zeros(cfg.projector.n_embed))
+        self.view_seperator = nn.Parameter(torch.zeros(cfg.projector.n_embed))  # sic: checkpoint spelling
+        self.language = DeepseekV2ForCausalLM(cfg.language)
+
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Normalised tiles [N, 3, S, S] -> projected tile embeddings [N, s*s, hidden]."""
+        return self.projector(self.vision(tiles.to(self.vision.pos_embed.dtype)))
+
+    def image_embeddings(self, tiles: torch.Tensor, crops: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Each image's token embeddings; `tiles` holds every image's global + local tiles in order."""
+        tile_embeds = self.encode_tiles(tiles)
+        out, start = [], 0
+        for w, h in crops:
+            n = 1 + w * h
+            out.append(layout_image_tokens(tile_embeds[start:start + n], w, h, self.image_newline,
+                                           self.view_seperator, self.cfg.global_view_pos))
+            start += n
+        return out
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, D] with image features placed at the image-token positions."""
+        embeds = self.language.model.embed_tokens(input_ids)
+        if images is None or images_spatial_crop is None or images_seq_mask is None:
+            return embeds
+        crops = image_crops(images_spatial_crop)
+        per_sample = [sum(1 + w * h for w, h in c) for c in crops]
+        if sum(per_sample) == 0:
+            return embeds
+        tiles = torch.cat([images[b, :n] for b, n in enumerate(per_sample)])
+        features = self.image_embeddings(tiles, [c for sample in crops for c in sample])
+        return merge_image_embeddings(embeds, images_seq_mask, torch.cat(features))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Full-sequence forward (training, scoring); generation goes through `decode_step`."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
+        b, t, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(b, t, dtype=torch.long, device=inputs_embeds.device)
+        positions = positions_from_mask(attention_mask)
+        mask = causal_mask(torch.arange(t, device=inputs_embeds.device).expand(b, t), t, attention_mask)
+        out, hidden = self.language.model(inputs_embeds, positions, mask, output_hidden_states=output_hidden_states)
+        logits = self.language.lm_head(out.hidden)
+        loss = shifted_cross_entropy(logits, labels) if labels is not None else None
+        aux = torch.stack(out.aux_losses).sum() if out.aux_losses else None
+        return ModelOutput(logits, loss, aux, hidden, out.expert_indices)
+
+    def decode_step(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: AttentionCache,
+        slots: torch.Tensor,
+        absorbed: bool | None = None,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Cached forward of a block of tokens per slot ([B, T] at `positions`); returns logits.
+
+        The cache keys are indexed by position, so prefill, chunked prefill and batched decode of
+        sequences of different lengths all use the causal rule `key position <= query position`.
+        """
+        key_len = int(positions.max()) + 1
+        mask = causal_mask(positions, key_len)
+        if absorbed is None:
+            absorbed = inputs_embeds.shape[1] == 1
+        out, _ = self.language.model(inputs_embeds, positions, mask, cache=cache, slots=slots, absorbed=absorbed)
+        hidden = out.hidden[:, -1:] if last_only else out.hidden
+        return self.language.lm_head(hidden)
+
+
+def merge_image_embeddings(embeds: torch.Tensor, images_seq_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Place `features` [N, D] at the True positions of `images_seq_mask` [B, T], in order."""
+    n_slots = int(images_seq_mask.sum())
+    if n_slots != features.shape[0]:
+        raise ValueError(
+            f"the prompt has {n_slots} image-token positions but the images give {features.shape[0]} embeddings"
+        )
+    mask = images_seq_mask.bool()
+    embeds = embeds.clone()
+    embeds[mask] = features.to(embeds.dtype)
+    return embeds
