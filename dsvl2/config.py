@@ -337,3 +337,18 @@ def load_processor_config(model_dir: str | Path) -> ProcessorConfig:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A dataclass config back to a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF `config.json` dict of a config (full, not sparse), readable by `model_config_from_dict`."""
+    language = to_dict(cfg.language)
+    return {
+        "architectures": ["DeepseekVLV2ForCausalLM"],
+        "model_type": "deepseek_vl_v2",
+        "tile_tag": cfg.tile_tag,
+        "global_view_pos": cfg.global_view_pos,
+        "candidate_resolutions": [list(c) for c in cfg.candidate_resolutions],
+        "vision_config": {"model_type": "vision", **to_dict(cfg.vision)},
+        "projector_config": {"model_type": "mlp_projector", **to_dict(cfg.projector)},
+        "language_config": {"model_type": "deepseek_v2", **language},
+    }

@@ -133,6 +133,22 @@ class DeepseekVL2(nn.Module):
         return self.language.lm_head(hidden)
 
 
+@torch.no_grad()
+def init_weights(model: DeepseekVL2, std: float = 0.02, seed: int | None = None) -> DeepseekVL2:
+    """Fresh weights for training from scratch: normal(0, std) matrices and embeddings, zero biases,
+    unit norms, zero MoE correction bias (the official initialiser's choices)."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, param in model.named_parameters():
+        if name.endswith("e_score_correction_bias") or name.endswith(".bias"):
+            param.zero_()
+        elif param.dim() == 1 and "norm" in name:
+            param.fill_(1.0)
+        else:
+            values = torch.randn(param.shape, generator=generator) * std
+            param.copy_(values.to(param.dtype))
+    return model
+
+
 def merge_image_embeddings(embeds: torch.Tensor, images_seq_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """Place `features` [N, D] at the True positions of `images_seq_mask` [B, T], in order."""
     n_slots = int(images_seq_mask.sum())

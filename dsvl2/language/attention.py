@@ -25,10 +25,10 @@ class AttentionCache(Protocol):
     """What attention needs from a KV cache (see `dsvl2.engine.cache`)."""
 
     def update(
-        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, new: tuple[torch.Tensor, ...]
+        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, new: tuple[torch.Tensor, ...], key_len: int
     ) -> tuple[torch.Tensor, ...]:
         """Store `new` entries ([B, T, ...]) of `layer` at (slots, positions) and return every
-        entry of those slots for positions 0..L-1 as [B, L, ...], L covering the largest position."""
+        entry of those slots for positions 0..key_len-1 as [B, key_len, ...]."""
         ...
 
 
@@ -67,7 +67,7 @@ class MultiHeadAttention(nn.Module):
         q = apply_rotary(q, *rope, interleaved=False)
         k = apply_rotary(k, *rope, interleaved=False).transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(self.layer, slots, positions, (k, v))
+            k, v = cache.update(self.layer, slots, positions, (k, v), mask.shape[-1])
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -122,7 +122,7 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rotary(k_pe[:, None], *rope, interleaved=True)[:, 0]
         if cache is not None:
-            latent, k_pe = cache.update(self.layer, slots, positions, (latent, k_pe))
+            latent, k_pe = cache.update(self.layer, slots, positions, (latent, k_pe), mask.shape[-1])
         path = self.absorbed if absorbed else self.expanded
         out = path(q_nope, q_pe, latent, k_pe, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
