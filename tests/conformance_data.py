@@ -18,7 +18,9 @@ def conformance_variants() -> list[str]:
     root = conformance_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "config.json").exists() and (p / "outputs.safetensors").exists())
+    return sorted(
+        p.name for p in root.iterdir() if (p / "config.json").exists() and (p / "outputs.safetensors").exists()
+    )
 
 
 def conformance_cases() -> dict:

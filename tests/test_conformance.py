@@ -7,32 +7,31 @@ a model bug, independent of our processor. Tolerances are the conformance README
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
+from conformance_data import conformance_cases, conformance_dir, conformance_variants
 from safetensors.torch import load_file
 
 from dsvl2.checkpoint import load_model
 from dsvl2.model import DeepseekVL2
 
-from conformance_data import conformance_cases, conformance_dir, conformance_variants
-
 VARIANTS = conformance_variants()
 CASES = list(conformance_cases())
 
 
-@lru_cache(maxsize=None)
+@cache
 def model(variant: str, dtype: torch.dtype = torch.float32) -> DeepseekVL2:
     return load_model(conformance_dir() / variant, dtype=dtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def processor_fixture() -> dict[str, torch.Tensor]:
     return load_file(conformance_dir() / "processor.safetensors")
 
 
-@lru_cache(maxsize=None)
+@cache
 def outputs(variant: str) -> dict[str, torch.Tensor]:
     return load_file(conformance_dir() / variant / "outputs.safetensors")
 
@@ -52,7 +51,7 @@ def case_inputs(case: str) -> dict[str, torch.Tensor | None]:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def forward(variant: str, case: str, dtype: torch.dtype = torch.float32):
     with torch.no_grad():
         return model(variant, dtype)(**case_inputs(case), output_hidden_states=True)

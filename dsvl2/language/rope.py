@@ -24,9 +24,9 @@ def _yarn_inv_freq(cfg: LanguageConfig, dim: int) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
     freq_extra = 1.0 / (cfg.rope_theta**exponents)
     freq_inter = 1.0 / (rs.factor * cfg.rope_theta**exponents)
-    low = max(math.floor(_yarn_correction_dim(rs.beta_fast, dim, cfg.rope_theta, rs.original_max_position_embeddings)), 0)
-    high = min(math.ceil(_yarn_correction_dim(rs.beta_slow, dim, cfg.rope_theta, rs.original_max_position_embeddings)),
-               dim - 1)
+    original = rs.original_max_position_embeddings
+    low = max(math.floor(_yarn_correction_dim(rs.beta_fast, dim, cfg.rope_theta, original)), 0)
+    high = min(math.ceil(_yarn_correction_dim(rs.beta_slow, dim, cfg.rope_theta, original)), dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

@@ -1,0 +1,426 @@
+"""Evaluation metrics as the benchmarks define them, in plain Python.
+
+- VQAv2 answer normalisation, exact match and the 10-annotator soft score.
+- ANLS (DocVQA / InfoVQA), relaxed accuracy (ChartQA), box IoU and grounding accuracy (RefCOCO),
+  character error rate and exact match for OCR, token F1 for captions.
+- `METRICS` / `score_sample` map a task name to a scorer over (prediction, record), where a record is an
+  eval JSONL record carrying `answers` (and `box` / `boxes` on the 0..999 grid for grounding tasks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dsvl2.errors import InputError
+from dsvl2.grounding import parse_grounding
+
+Box = Sequence[float]
+
+# --------------------------------------------------------------------------------------------------
+# VQAv2 answer normalisation
+# --------------------------------------------------------------------------------------------------
+
+# Keys are the apostrophe-less spellings annotators type; values the canonical form. The official table
+# also lists capitalised keys ("Im", "Ive", "Id've") that can never fire because words are lower-cased
+# first, so they are left out here: the effect is the same.
+_CONTRACTIONS: dict[str, str] = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock",
+    "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebodyd": "somebody'd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_NUMBER_WORDS: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
+                "`", ",", "?", "!")
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# The official pattern is written "(?!<=\d)(\.)(?!\d)"; its first group is a look-ahead (not the intended
+# look-behind) and always holds, so in effect a period is removed unless a digit follows it.
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+
+
+def _process_punctuation(text: str) -> str:
+    # A digit-comma-digit anywhere (e.g. "1,000") makes every punctuation mark vanish instead of becoming
+    # a space, so thousands separators join their digits.
+    has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for mark in _PUNCTUATION:
+        if mark + " " in text or " " + mark in text or has_digit_comma:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+
+
+def _process_digits_and_articles(text: str) -> str:
+    words = []
+    for word in text.lower().split():
+        word = _NUMBER_WORDS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def normalize_answer(answer: str) -> str:
+    """VQAv2 evaluation normalisation: punctuation, lower case, number words, articles, contractions."""
+    if not isinstance(answer, str):
+        raise InputError(f"answer must be a string, got {type(answer).__name__}")
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digits_and_articles(_process_punctuation(text))
+
+
+def _check_answers(answers: Sequence[str]) -> list[str]:
+    if isinstance(answers, str) or not isinstance(answers, Sequence):
+        raise InputError(f"answers must be a list of strings, got {type(answers).__name__}")
+    if not answers:
+        raise InputError("answers is empty: at least one reference answer is needed")
+    for answer in answers:
+        if not isinstance(answer, str):
+            raise InputError(f"every answer must be a string, got {type(answer).__name__}")
+    return list(answers)
+
+
+def vqa_exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference answer, else 0.0."""
+    references = {normalize_answer(a) for a in _check_answers(answers)}
+    return 1.0 if normalize_answer(prediction) in references else 0.0
+
+
+def vqa_soft_score(prediction: str, answers: Sequence[str]) -> float:
+    """VQAv2 accuracy: min(1, matches / 3), averaged over the leave-one-out subsets of 10 (or more) answers.
+
+    With fewer than 10 reference answers (no annotator pool to leave out), plain min(1, matches / 3).
+    """
+    references = [normalize_answer(a) for a in _check_answers(answers)]
+    predicted = normalize_answer(prediction)
+    matches = sum(1 for ref in references if ref == predicted)
+    if len(references) < 10:
+        return min(1.0, matches / 3)
+    total = 0.0
+    for ref in references:
+        matches_among_others = matches - (1 if ref == predicted else 0)
+        total += min(1.0, matches_among_others / 3)
+    return total / len(references)
+
+
+# --------------------------------------------------------------------------------------------------
+# Edit distance, ANLS, CER
+# --------------------------------------------------------------------------------------------------
+
+
+def levenshtein(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Minimum number of single-element insertions, deletions and substitutions turning a into b."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, item_a in enumerate(a, start=1):
+        current = [i]
+        for j, item_b in enumerate(b, start=1):
+            substitution = previous[j - 1] + (item_a != item_b)
+            current.append(min(previous[j] + 1, current[j - 1] + 1, substitution))
+        previous = current
+    return previous[-1]
+
+
+def _anls_text(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
+    """Average Normalized Levenshtein Similarity of one prediction: max over answers of 1 - NL,
+    where NL = edit distance / max(len) on lower-cased, whitespace-normalised strings, and NL >= threshold
+    scores 0."""
+    if not isinstance(prediction, str):
+        raise InputError(f"prediction must be a string, got {type(prediction).__name__}")
+    predicted = _anls_text(prediction)
+    best = 0.0
+    for answer in _check_answers(answers):
+        reference = _anls_text(answer)
+        longest = max(len(predicted), len(reference))
+        distance = levenshtein(predicted, reference) / longest if longest else 0.0
+        if distance < threshold:
+            best = max(best, 1.0 - distance)
+    return best
+
+
+def character_error_rate(prediction: str, reference: str) -> float:
+    """Character edit distance / len(reference). An empty reference gives 0.0 for an empty prediction and
+    1.0 otherwise (the ratio is undefined there). The value may exceed 1 for long wrong predictions."""
+    if not isinstance(prediction, str) or not isinstance(reference, str):
+        raise InputError("prediction and reference must be strings")
+    if not reference:
+        return 0.0 if not prediction else 1.0
+    return levenshtein(prediction, reference) / len(reference)
+
+
+def _whitespace_normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+def ocr_exact_match(prediction: str, reference: str, ignore_case: bool = False) -> float:
+    """1.0 when the texts agree after collapsing whitespace (line breaks count as spaces)."""
+    if not isinstance(prediction, str) or not isinstance(reference, str):
+        raise InputError("prediction and reference must be strings")
+    predicted, expected = _whitespace_normalised(prediction), _whitespace_normalised(reference)
+    if ignore_case:
+        predicted, expected = predicted.lower(), expected.lower()
+    return 1.0 if predicted == expected else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# ChartQA relaxed accuracy
+# --------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+# Float noise such as 1.05 - 1.0 = 0.05000000000000004 must not turn "exactly 5%" into a miss.
+_RELATIVE_SLACK = 1e-9
+
+
+def _parse_number(text: str) -> tuple[float, bool] | None:
+    """(value, had_percent_sign) for a plain numeric answer such as "-1,234.5" or "45%", else None."""
+    stripped = text.strip()
+    is_percent = stripped.endswith("%")
+    if is_percent:
+        stripped = stripped[:-1].strip()
+    if _THOUSANDS.fullmatch(stripped):
+        stripped = stripped.replace(",", "")
+    if not _NUMBER.fullmatch(stripped):
+        return None
+    value = float(stripped)
+    return (value, is_percent) if math.isfinite(value) else None
+
+
+def _numeric_readings(value: float, is_percent: bool, other_is_percent: bool) -> list[float]:
+    # "45%" is 0.45 (the ChartQA reference reading); when only one side has the sign, the bare number is
+    # also accepted, since chart labels and answers often drop or add the sign.
+    if not is_percent:
+        return [value]
+    return [value / 100.0] if other_is_percent else [value / 100.0, value]
+
+
+def _within_tolerance(predicted: float, target: float, tolerance: float) -> bool:
+    if target == 0.0:
+        return predicted == 0.0
+    return abs(predicted - target) / abs(target) <= tolerance + _RELATIVE_SLACK
+
+
+def relaxed_accuracy(prediction: str, target: str, tolerance: float = 0.05) -> float:
+    """ChartQA relaxed accuracy: numbers match within `tolerance` relative error of the target (a zero
+    target needs an exact zero); anything non-numeric needs a case-insensitive exact match."""
+    if not isinstance(prediction, str) or not isinstance(target, str):
+        raise InputError("prediction and target must be strings")
+    parsed_prediction, parsed_target = _parse_number(prediction), _parse_number(target)
+    if parsed_prediction is None or parsed_target is None:
+        return 1.0 if prediction.strip().lower() == target.strip().lower() else 0.0
+    predicted_values = _numeric_readings(*parsed_prediction, other_is_percent=parsed_target[1])
+    target_values = _numeric_readings(*parsed_target, other_is_percent=parsed_prediction[1])
+    for predicted in predicted_values:
+        for expected in target_values:
+            if _within_tolerance(predicted, expected, tolerance):
+                return 1.0
+    return 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Boxes
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_valid_box(box: Any) -> bool:
+    if box is None or isinstance(box, str) or not isinstance(box, Sequence) or len(box) != 4:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return False
+    return box[2] > box[0] and box[3] > box[1]
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two [x1, y1, x2, y2] boxes (continuous coordinates, x2 > x1, y2 > y1).
+
+    A malformed or empty box has no area and scores 0.0.
+    """
+    if not _is_valid_box(a) or not _is_valid_box(b):
+        return 0.0
+    inter_w = min(a[2], b[2]) - max(a[0], b[0])
+    inter_h = min(a[3], b[3]) - max(a[1], b[1])
+    if inter_w <= 0 or inter_h <= 0:
+        return 0.0
+    intersection = inter_w * inter_h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return intersection / union
+
+
+def grounding_accuracy(
+    pred_boxes: Sequence[Box | None], gt_boxes: Sequence[Box], threshold: float = 0.5
+) -> float:
+    """Fraction of predictions with IoU >= threshold against their ground truth (RefCOCO Acc@0.5).
+
+    A missing (None) or malformed prediction counts as wrong.
+    """
+    if len(pred_boxes) != len(gt_boxes):
+        raise InputError(f"{len(pred_boxes)} predicted boxes for {len(gt_boxes)} ground-truth boxes")
+    if not gt_boxes:
+        raise InputError("no ground-truth boxes to score")
+    hits = sum(1 for pred, gt in zip(pred_boxes, gt_boxes, strict=True) if box_iou(pred, gt) >= threshold)
+    return hits / len(gt_boxes)
+
+
+def parse_det_boxes(text: str) -> list[list[int]]:
+    """Every grid box inside the `<|det|>` spans of a model answer, in order (regex parsing, never eval).
+
+    Malformed spans are skipped: for scoring they are simply missing predictions.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"prediction must be a string, got {type(text).__name__}")
+    return [list(box) for ref in parse_grounding(text).refs for box in ref.boxes]
+
+
+# --------------------------------------------------------------------------------------------------
+# Token F1 (captions)
+# --------------------------------------------------------------------------------------------------
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall over VQA-normalised words (SQuAD-style F1)."""
+    predicted = normalize_answer(prediction).split()
+    expected = normalize_answer(reference).split()
+    if not predicted or not expected:
+        return 1.0 if predicted == expected else 0.0
+    overlap = sum((Counter(predicted) & Counter(expected)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+
+SampleScorer = Callable[[str, dict], dict]
+
+
+def _record_answers(record: dict) -> list[str]:
+    if "answers" not in record:
+        raise InputError("record has no 'answers' field to score against")
+    return _check_answers(record["answers"])
+
+
+def _record_box(record: dict, key: str = "box") -> list[float]:
+    box = record.get(key)
+    if not _is_valid_box(box):
+        raise InputError(
+            f"record field '{key}' must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box!r}"
+        )
+    return list(box)
+
+
+def _score_vqa(prediction: str, record: dict) -> dict:
+    answers = _record_answers(record)
+    soft = vqa_soft_score(prediction, answers)
+    return {"score": soft, "vqa_score": soft, "exact_match": vqa_exact_match(prediction, answers)}
+
+
+def _score_exact(prediction: str, record: dict) -> dict:
+    exact = vqa_exact_match(prediction, _record_answers(record))
+    return {"score": exact, "exact_match": exact}
+
+
+def _score_anls(prediction: str, record: dict) -> dict:
+    value = anls(prediction, _record_answers(record))
+    return {"score": value, "anls": value}
+
+
+def _score_chart(prediction: str, record: dict) -> dict:
+    value = max(relaxed_accuracy(prediction, answer) for answer in _record_answers(record))
+    return {"score": value, "relaxed_accuracy": value}
+
+
+def _score_grounding(prediction: str, record: dict) -> dict:
+    target = _record_box(record)
+    predicted = parse_det_boxes(prediction)
+    iou = box_iou(predicted[0], target) if predicted else 0.0
+    accuracy = 1.0 if iou >= 0.5 else 0.0
+    return {"score": accuracy, "accuracy": accuracy, "iou": iou, "parsed": bool(predicted)}
+
+
+def _score_grounded_caption(prediction: str, record: dict) -> dict:
+    targets = record.get("boxes")
+    if not isinstance(targets, list) or not targets:
+        raise InputError("record field 'boxes' must be a non-empty list of [x1, y1, x2, y2] boxes")
+    predicted = parse_det_boxes(prediction)
+    padded = list(predicted[: len(targets)]) + [None] * max(0, len(targets) - len(predicted))
+    accuracy = grounding_accuracy(padded, targets)
+    exact_count = 1.0 if len(predicted) == len(targets) else 0.0
+    return {"score": accuracy, "accuracy": accuracy, "box_count_match": exact_count}
+
+
+def _score_ocr(prediction: str, record: dict) -> dict:
+    answers = _record_answers(record)
+    exact = max(ocr_exact_match(prediction, answer) for answer in answers)
+    cer = min(character_error_rate(_whitespace_normalised(prediction), _whitespace_normalised(answer))
+              for answer in answers)
+    return {"score": exact, "exact_match": exact, "cer": cer}
+
+
+def _score_caption(prediction: str, record: dict) -> dict:
+    answers = _record_answers(record)
+    f1 = max(token_f1(prediction, answer) for answer in answers)
+    return {"score": f1, "token_f1": f1, "exact_match": vqa_exact_match(prediction, answers)}
+
+
+METRICS: dict[str, SampleScorer] = {
+    "vqa": _score_vqa,
+    "counting": _score_exact,
+    "text": _score_exact,
+    "anls": _score_anls,
+    "chart": _score_chart,
+    "grounding": _score_grounding,
+    "grounded_caption": _score_grounded_caption,
+    "ocr": _score_ocr,
+    "caption": _score_caption,
+}
+
+
+def score_sample(task: str, prediction: str, record: dict) -> dict:
+    """Score one model answer for an eval record; the result always has a primary "score" in [0, 1]."""
+    scorer = METRICS.get(task)
+    if scorer is None:
+        raise InputError(f"unknown metric task {task!r}; known: {', '.join(sorted(METRICS))}")
+    if not isinstance(prediction, str):
+        raise InputError(f"prediction must be a string, got {type(prediction).__name__}")
+    if not isinstance(record, dict):
+        raise InputError(f"record must be a dict, got {type(record).__name__}")
+    return scorer(prediction, record)

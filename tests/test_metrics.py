@@ -1,0 +1,256 @@
+"""Metrics against hand-computed values (each expected number is derived in the test or its comment)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsvl2.errors import InputError
+from dsvl2.eval.metrics import (
+    METRICS,
+    anls,
+    box_iou,
+    character_error_rate,
+    grounding_accuracy,
+    levenshtein,
+    normalize_answer,
+    ocr_exact_match,
+    parse_det_boxes,
+    relaxed_accuracy,
+    score_sample,
+    token_f1,
+    vqa_exact_match,
+    vqa_soft_score,
+)
+
+# ---------------------------------------------------------------- VQA normalisation
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Two", "2"),
+        ("the dog.", "dog"),
+        ("An apple", "apple"),
+        ("1,000", "1000"),  # digit-comma-digit: punctuation deleted, not spaced
+        ("black-white", "black white"),  # mark not next to a space becomes a space
+        ("yes, it is", "yes it is"),  # mark next to a space is deleted
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("dont", "don't"),
+        ("  Ten\tdogs\n", "10 dogs"),
+        ("none", "0"),
+    ],
+)
+def test_normalize_answer(raw: str, expected: str) -> None:
+    assert normalize_answer(raw) == expected
+
+
+def test_normalize_answer_rejects_non_string() -> None:
+    with pytest.raises(InputError, match="string"):
+        normalize_answer(3)  # type: ignore[arg-type]
+
+
+def test_vqa_exact_match_uses_normalisation() -> None:
+    assert vqa_exact_match("Two", ["2"]) == 1.0
+    assert vqa_exact_match("the dog.", ["cat", "dog"]) == 1.0
+    assert vqa_exact_match("dogs", ["dog"]) == 0.0
+
+
+def test_vqa_exact_match_rejects_empty_answers() -> None:
+    with pytest.raises(InputError, match="empty"):
+        vqa_exact_match("x", [])
+    with pytest.raises(InputError, match="list"):
+        vqa_exact_match("x", "x")  # type: ignore[arg-type]
+
+
+def test_vqa_soft_score_two_of_ten() -> None:
+    # Leave-one-out over 10 annotators, 2 of whom said "2":
+    #   leaving out one of the 2 matching answers (2 subsets): 1 match  -> min(1, 1/3) = 1/3
+    #   leaving out one of the 8 others          (8 subsets): 2 matches -> min(1, 2/3) = 2/3
+    #   mean = (2 * 1/3 + 8 * 2/3) / 10 = (18/3) / 10 = 0.6
+    answers = ["2", "two"] + ["3"] * 8
+    assert vqa_soft_score("Two", answers) == pytest.approx(0.6, abs=1e-12)
+
+
+def test_vqa_soft_score_three_and_four_of_ten() -> None:
+    # 3 matches: 3 subsets keep 2 matches (2/3), 7 subsets keep 3 (1) -> (2 + 7) / 10 = 0.9
+    assert vqa_soft_score("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx(0.9, abs=1e-12)
+    # 4 matches: every subset keeps >= 3 matches -> 1.0
+    assert vqa_soft_score("yes", ["yes"] * 4 + ["no"] * 6) == 1.0
+    assert vqa_soft_score("maybe", ["yes"] * 4 + ["no"] * 6) == 0.0
+
+
+def test_vqa_soft_score_fewer_than_ten_answers() -> None:
+    assert vqa_soft_score("cat", ["cat"]) == pytest.approx(1 / 3)
+    assert vqa_soft_score("cat", ["cat", "Cat", "a cat", "dog"]) == 1.0
+    assert vqa_soft_score("cat", ["cat", "cat.", "dog"]) == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- edit distance, ANLS, CER
+
+
+def test_levenshtein_known_values() -> None:
+    assert levenshtein("kitten", "sitting") == 3
+    assert levenshtein("flaw", "lawn") == 2
+    assert levenshtein("", "abc") == 3
+    assert levenshtein("abc", "abc") == 0
+
+
+def test_anls_threshold_edge_exactly_half_scores_zero() -> None:
+    # "ab" vs "ac": 1 edit / max length 2 = 0.5, which is not below the 0.5 threshold.
+    assert anls("ab", ["ac"]) == 0.0
+
+
+def test_anls_just_below_threshold_scores() -> None:
+    # 101 characters with 50 substituted: NL = 50 / 101 < 0.5 -> 1 - 50/101 = 51/101
+    reference = "a" * 101
+    prediction = "b" * 50 + "a" * 51
+    assert anls(prediction, [reference]) == pytest.approx(51 / 101)
+    # "abc" vs "abd": NL = 1/3 -> 2/3
+    assert anls("abc", ["abd"]) == pytest.approx(2 / 3)
+
+
+def test_anls_case_whitespace_and_max_over_answers() -> None:
+    assert anls("  Hello   World ", ["hello world"]) == 1.0
+    # best answer: "abd" (2/3) beats "xyz" (NL = 1 -> 0)
+    assert anls("abc", ["xyz", "abd"]) == pytest.approx(2 / 3)
+    assert anls("", [""]) == 1.0
+
+
+def test_character_error_rate() -> None:
+    assert character_error_rate("sitting", "kitten") == pytest.approx(3 / 6)
+    assert character_error_rate("kitten", "sitting") == pytest.approx(3 / 7)
+    assert character_error_rate("abc", "abc") == 0.0
+    assert character_error_rate("", "") == 0.0
+    assert character_error_rate("x", "") == 1.0
+
+
+def test_ocr_exact_match() -> None:
+    assert ocr_exact_match("HELLO\n42", "HELLO 42") == 1.0
+    assert ocr_exact_match("hello 42", "HELLO 42") == 0.0
+    assert ocr_exact_match("hello 42", "HELLO 42", ignore_case=True) == 1.0
+
+
+# ---------------------------------------------------------------- ChartQA relaxed accuracy
+
+
+@pytest.mark.parametrize(
+    ("prediction", "target", "expected"),
+    [
+        ("105", "100", 1.0),  # exactly 5 %
+        ("95", "100", 1.0),
+        ("105.1", "100", 0.0),  # just over 5 %
+        ("1.05", "1", 1.0),  # exactly 5 % despite float noise in 1.05 - 1
+        ("0", "0", 1.0),  # zero target: exact only
+        ("0.0", "0", 1.0),
+        ("0.01", "0", 0.0),
+        ("45%", "45%", 1.0),
+        ("45%", "0.45", 1.0),  # 45 % read as 0.45
+        ("45", "45%", 1.0),  # sign dropped on one side
+        ("47%", "45%", 1.0),  # |47 - 45| / 45 = 4.4 %
+        ("48%", "45%", 0.0),  # 6.7 %
+        ("-5.2", "-5", 1.0),  # 4 %
+        ("-5.3", "-5", 0.0),  # 6 %
+        ("5", "-5", 0.0),
+        ("1,050", "1000", 1.0),  # thousands separator
+        ("1,000,000", "1e6", 1.0),
+        ("Apple", "apple", 1.0),  # non-numeric: case-insensitive exact
+        ("apple", "apples", 0.0),
+        ("abc", "100", 0.0),
+    ],
+)
+def test_relaxed_accuracy(prediction: str, target: str, expected: float) -> None:
+    assert relaxed_accuracy(prediction, target) == expected
+
+
+# ---------------------------------------------------------------- boxes
+
+
+def test_box_iou() -> None:
+    assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert box_iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0  # touching edges
+    # half of each box overlaps: intersection 5 x 10 = 50, union 100 + 100 - 50 = 150
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+    # containment: 100 / 200
+    assert box_iou([0, 0, 10, 10], [0, 0, 20, 10]) == 0.5
+    assert box_iou([10, 10, 0, 0], [0, 0, 10, 10]) == 0.0  # inverted box is invalid
+    assert box_iou([0, 0, 10], [0, 0, 10, 10]) == 0.0  # type: ignore[list-item]
+
+
+def test_grounding_accuracy() -> None:
+    gt = [[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]]
+    predictions = [
+        [0, 0, 20, 10],  # IoU exactly 0.5 -> correct
+        None,  # no prediction -> wrong
+        [5, 0, 15, 10],  # IoU 1/3 -> wrong
+        [10, 10, 0, 0],  # invalid -> wrong
+    ]
+    assert grounding_accuracy(predictions, gt) == 0.25
+    with pytest.raises(InputError, match="predicted boxes"):
+        grounding_accuracy([None], gt)
+
+
+def test_parse_det_boxes() -> None:
+    text = "<|ref|>a<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|> and <|det|>[[5,6,7,8],[9, 10, 11, 12]]<|/det|>"
+    assert parse_det_boxes(text) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    assert parse_det_boxes("no boxes [[1, 2, 3, 4]] outside det tags") == []
+    assert parse_det_boxes("<|det|>[[__import__('os')]]<|/det|>") == []
+
+
+# ---------------------------------------------------------------- token F1 and registry
+
+
+def test_token_f1() -> None:
+    # "red circle" vs "red square": overlap 1, precision 1/2, recall 1/2 -> F1 1/2
+    assert token_f1("a red circle", "the red square") == pytest.approx(0.5)
+    assert token_f1("Red circle.", "red circle") == 1.0
+    assert token_f1("blue", "red") == 0.0
+
+
+def test_registry_covers_tasks() -> None:
+    for task in ("vqa", "counting", "anls", "chart", "grounding", "ocr", "caption"):
+        assert task in METRICS
+
+
+def test_score_sample_grounding() -> None:
+    record = {"box": [100, 200, 300, 400], "answers": ["ignored"]}
+    exact = "<|ref|>the red circle<|/ref|><|det|>[[100, 200, 300, 400]]<|/det|>"
+    result = score_sample("grounding", exact, record)
+    assert result["score"] == 1.0 and result["iou"] == 1.0
+    # shifted by 100 in x: intersection 100 x 200, union 2 * 200 x 200 - 100 x 200 -> 1/3
+    shifted = "<|det|>[[200, 200, 400, 400]]<|/det|>"
+    result = score_sample("grounding", shifted, record)
+    assert result["score"] == 0.0 and result["iou"] == pytest.approx(1 / 3)
+    assert score_sample("grounding", "I cannot see it", record)["score"] == 0.0
+
+
+def test_score_sample_grounding_needs_a_valid_box() -> None:
+    with pytest.raises(InputError, match="box"):
+        score_sample("grounding", "<|det|>[[1, 2, 3, 4]]<|/det|>", {"answers": ["x"]})
+
+
+def test_score_sample_grounded_caption() -> None:
+    record = {"boxes": [[0, 0, 100, 100], [500, 500, 600, 600]], "answers": ["x"]}
+    one_right = "<|ref|>a<|/ref|><|det|>[[0, 0, 100, 100]]<|/det|>"
+    result = score_sample("grounded_caption", one_right, record)
+    assert result["score"] == 0.5 and result["box_count_match"] == 0.0
+
+
+def test_score_sample_other_tasks() -> None:
+    assert score_sample("vqa", "Two", {"answers": ["2"] * 3})["score"] == 1.0
+    assert score_sample("counting", "three", {"answers": ["3"]})["score"] == 1.0
+    assert score_sample("counting", "4", {"answers": ["3"]})["score"] == 0.0
+    assert score_sample("anls", "abc", {"answers": ["abd"]})["score"] == pytest.approx(2 / 3)
+    assert score_sample("chart", "104", {"answers": ["100"]})["score"] == 1.0
+    ocr = score_sample("ocr", "HELLO 4", {"answers": ["HELLO 42"]})
+    assert ocr["score"] == 0.0 and ocr["cer"] == pytest.approx(1 / 8)
+    assert score_sample("caption", "a red circle", {"answers": ["the red square"]})["score"] == 0.5
+
+
+def test_score_sample_rejects_bad_input() -> None:
+    with pytest.raises(InputError, match="unknown metric task"):
+        score_sample("nope", "x", {"answers": ["x"]})
+    with pytest.raises(InputError, match="answers"):
+        score_sample("vqa", "x", {})
+    with pytest.raises(InputError, match="prediction"):
+        score_sample("vqa", None, {"answers": ["x"]})  # type: ignore[arg-type]

@@ -1,0 +1,330 @@
+"""Synthetic data: determinism, format validity, and answers re-derived from the pixels and metadata."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dsvl2.errors import InputError
+from dsvl2.eval.metrics import parse_det_boxes
+from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_GAP_PX, TASK_WEIGHTS, TASKS, generate_dataset, main
+
+N_SAMPLES = 4 * sum(TASK_WEIGHTS.values())  # four full task cycles: every task appears at least 4 times
+SEED = 1234
+
+
+def _read_records(folder: Path, split: str = "train") -> list[dict]:
+    with open(folder / f"{split}.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _load_rgb(folder: Path, record: dict) -> np.ndarray:
+    with Image.open(folder / record["images"][0]) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _color_mask(pixels: np.ndarray, color: str) -> np.ndarray:
+    return np.all(pixels == np.array(SHAPE_COLORS[color], dtype=np.uint8), axis=-1)
+
+
+def _grid_to_px(box: list[int], width: int, height: int) -> tuple[float, float, float, float]:
+    return box[0] / 999 * width, box[1] / 999 * height, box[2] / 999 * width, box[3] / 999 * height
+
+
+def _count_blobs(mask: np.ndarray) -> int:
+    """Connected components after a 1-pixel dilation (so a raster gap at a star tip does not split it)."""
+    grown = mask.copy()
+    grown[1:, :] |= mask[:-1, :]
+    grown[:-1, :] |= mask[1:, :]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    seen = np.zeros_like(grown)
+    height, width = grown.shape
+    blobs = 0
+    for start in zip(*np.nonzero(grown), strict=True):
+        if seen[start]:
+            continue
+        blobs += 1
+        seen[start] = True
+        queue = deque([start])
+        while queue:
+            y, x = queue.popleft()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < height and 0 <= nx < width and grown[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    folder = tmp_path_factory.mktemp("synth")
+    counts = generate_dataset(folder, N_SAMPLES, SEED, split="train")
+    return folder, counts
+
+
+@pytest.fixture(scope="module")
+def records(dataset: tuple[Path, dict[str, int]]) -> list[dict]:
+    return _read_records(dataset[0])
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_identical_files(dataset: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    folder, _ = dataset
+    generate_dataset(tmp_path, N_SAMPLES, SEED, split="train")
+    assert (tmp_path / "train.jsonl").read_bytes() == (folder / "train.jsonl").read_bytes()
+    first = sorted(p.name for p in (folder / "images").iterdir())
+    second = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert first == second and first
+    for name in first:
+        assert (tmp_path / "images" / name).read_bytes() == (folder / "images" / name).read_bytes(), name
+
+
+def test_prefix_does_not_depend_on_n(dataset: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    folder, _ = dataset
+    generate_dataset(tmp_path, 10, SEED, split="train")
+    short = (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    long = (folder / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert short == long[:10]
+
+
+def test_other_seed_and_other_split_differ(dataset: tuple[Path, dict[str, int]], tmp_path: Path,
+                                           records: list[dict]) -> None:
+    folder, _ = dataset
+    generate_dataset(tmp_path / "seed", N_SAMPLES, SEED + 1, split="train")
+    assert (tmp_path / "seed" / "train.jsonl").read_bytes() != (folder / "train.jsonl").read_bytes()
+    generate_dataset(tmp_path / "val", N_SAMPLES, SEED, split="val")
+    val = _read_records(tmp_path / "val", "val")
+
+    def content(record: dict) -> str:
+        return json.dumps([record["messages"], record["image_size"]])
+
+    train_visual = {content(r) for r in records if "image_size" in r}
+    assert not [r for r in val if "image_size" in r and content(r) in train_visual], "val repeats train"
+    # Held-out records are all scorable: messages with answers, no bare {"text"} records.
+    assert all("messages" in r and r["answers"] for r in val)
+
+
+# ---------------------------------------------------------------- format
+
+
+def test_counts_cover_every_task(dataset: tuple[Path, dict[str, int]], records: list[dict]) -> None:
+    _, counts = dataset
+    assert sum(counts.values()) == N_SAMPLES == len(records)
+    for task in TASKS:
+        assert counts[task] == 4 * TASK_WEIGHTS[task]
+        assert sum(1 for r in records if r["task"] == task) == counts[task]
+
+
+def test_records_are_valid(dataset: tuple[Path, dict[str, int]], records: list[dict]) -> None:
+    folder, _ = dataset
+    for record in records:
+        if "text" in record:
+            assert isinstance(record["text"], str) and record["text"] and record["task"] == "text"
+            continue
+        messages = record["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert all(isinstance(m["content"], str) and m["content"] for m in messages)
+        tags = sum(m["content"].count("<image>") for m in messages)
+        assert tags == len(record["images"])
+        assert record["answers"] == [messages[1]["content"]]
+        for relative in record["images"]:
+            assert not Path(relative).is_absolute()
+            with Image.open(folder / relative) as image:
+                image.load()
+                assert list(image.size) == record["image_size"]
+                assert image.mode == "RGB"
+
+
+def test_text_records_have_no_image(records: list[dict]) -> None:
+    text_records = [r for r in records if r["task"] == "text"]
+    assert text_records
+    for record in text_records:
+        assert "image_size" not in record
+        if "messages" in record:
+            assert record["images"] == []
+            assert "<image>" not in record["messages"][0]["content"]
+
+
+def test_image_sizes_within_bounds(records: list[dict]) -> None:
+    for record in records:
+        if "image_size" in record:
+            width, height = record["image_size"]
+            assert 64 <= min(width, height) and max(width, height) <= 900, record["image_size"]
+            assert 1 / 4 - 0.02 <= width / height <= 4 + 0.02, record["image_size"]
+
+
+def test_aspect_ratios_vary(tmp_path: Path) -> None:
+    generate_dataset(tmp_path, 120, 7, split="train", tasks=["grounding", "counting", "ocr", "chart"])
+    ratios = [r["image_size"][0] / r["image_size"][1] for r in _read_records(tmp_path)]
+    assert any(r < 0.5 for r in ratios), "no tall images"
+    assert any(r > 2.0 for r in ratios), "no wide images"
+    assert any(0.8 <= r <= 1.25 for r in ratios), "no near-square images"
+    long_sides = [max(r["image_size"]) for r in _read_records(tmp_path)]
+    assert min(long_sides) < 300 and max(long_sides) > 600
+
+
+# ---------------------------------------------------------------- answers against pixels and metadata
+
+
+def _scene_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if "objects" in r]
+
+
+def test_object_boxes_are_tight_around_their_pixels(dataset: tuple[Path, dict[str, int]],
+                                                    records: list[dict]) -> None:
+    folder, _ = dataset
+    for record in _scene_records(records):
+        pixels = _load_rgb(folder, record)
+        width, height = record["image_size"]
+        for obj in record["objects"]:
+            mask = _color_mask(pixels, obj["color"])
+            x1, y1, x2, y2 = _grid_to_px(obj["box"], width, height)
+            # The shape's own pixels: its colour inside the box grown by less than the gap between shapes.
+            margin = SHAPE_GAP_PX // 2 - 1
+            window = np.zeros_like(mask)
+            rows = slice(max(0, int(y1) - margin), int(y2) + 1 + margin)
+            window[rows, max(0, int(x1) - margin): int(x2) + 1 + margin] = True
+            ys, xs = np.nonzero(mask & window)
+            assert xs.size, f"no {obj['color']} pixels near {obj}"
+            # Rounding to the 0..999 grid moves an edge by at most half a grid step (< 0.5 px below 999 px).
+            assert abs(xs.min() - x1) <= 0.5 and abs(xs.max() + 1 - x2) <= 0.5, (obj, xs.min(), xs.max())
+            assert abs(ys.min() - y1) <= 0.5 and abs(ys.max() + 1 - y2) <= 0.5, (obj, ys.min(), ys.max())
+            filled = xs.size / max(1.0, (x2 - x1) * (y2 - y1))
+            assert filled > 0.3, f"{obj['shape']} fills only {filled:.2f} of its box"
+
+
+def test_every_shape_pixel_is_inside_a_box(dataset: tuple[Path, dict[str, int]], records: list[dict]) -> None:
+    folder, _ = dataset
+    for record in _scene_records(records):
+        pixels = _load_rgb(folder, record)
+        for color in SHAPE_COLORS:
+            mask = _color_mask(pixels, color)
+            covered = np.zeros_like(mask)
+            for obj in record["objects"]:
+                if obj["color"] == color:
+                    x1, y1, x2, y2 = obj["box_px"]
+                    covered[y1:y2, x1:x2] = True
+            assert not (mask & ~covered).any(), f"{color} pixels outside every {color} box"
+
+
+def _describes(expression: str, obj: dict) -> bool:
+    """Whether "the red circle" / "the circle" / "the red shape" fits the object."""
+    words = expression.removeprefix("the ").split()
+    if len(words) == 1:
+        return words[0] == obj["shape"]
+    color, noun = words
+    return color == obj["color"] and noun in ("shape", obj["shape"])
+
+
+def test_grounding_answer_matches_unique_target(records: list[dict]) -> None:
+    grounding = [r for r in records if r["task"] == "grounding"]
+    assert grounding
+    for record in grounding:
+        expression = record["expression"]
+        assert record["messages"][0]["content"] == f"<image>\n<|ref|>{expression}<|/ref|>."
+        matching = [i for i, obj in enumerate(record["objects"]) if _describes(expression, obj)]
+        assert matching == [record["target"]], f"{expression!r} is ambiguous or names the wrong shape"
+        assert parse_det_boxes(record["messages"][1]["content"]) == [record["box"]]
+        assert record["box"] == record["objects"][record["target"]]["box"]
+
+
+def test_grounded_caption_lists_every_shape_left_to_right(records: list[dict]) -> None:
+    captions = [r for r in records if r["task"] == "grounded_caption"]
+    assert captions
+    for record in captions:
+        answer = record["messages"][1]["content"]
+        boxes = parse_det_boxes(answer)
+        assert boxes == record["boxes"] and len(boxes) == len(record["objects"])
+        assert [b[0] for b in boxes] == sorted(b[0] for b in boxes)
+        for obj in record["objects"]:
+            assert f"{obj['color']} {obj['shape']}<|/ref|>" in answer
+
+
+def test_counting_answers_match_metadata_and_pixels(dataset: tuple[Path, dict[str, int]],
+                                                    records: list[dict]) -> None:
+    folder, _ = dataset
+    counting = [r for r in records if r["task"] == "counting"]
+    assert counting
+    for record in counting:
+        query = record["query"]
+        expected = sum(1 for obj in record["objects"]
+                       if obj["color"] == query.get("color", obj["color"])
+                       and obj["shape"] == query.get("shape", obj["shape"]))
+        assert record["messages"][1]["content"] == str(expected)
+        if "color" in query:
+            assert f"How many {query['color']} shapes" in record["messages"][0]["content"]
+            assert _count_blobs(_color_mask(_load_rgb(folder, record), query["color"])) == expected
+        elif "shape" in query:
+            assert f"How many {query['shape']}s " in record["messages"][0]["content"]
+
+
+def test_chart_answers_match_bars(records: list[dict]) -> None:
+    charts = [r for r in records if r["task"] == "chart"]
+    assert charts
+    for record in charts:
+        labels = [b["label"] for b in record["bars"]]
+        values = [b["value"] for b in record["bars"]]
+        assert 3 <= len(labels) <= 6 and len(set(labels)) == len(labels)
+        question, answer = (m["content"] for m in record["messages"])
+        if "highest" in question:
+            assert values.count(max(values)) == 1 and answer == labels[values.index(max(values))]
+        elif "lowest" in question:
+            assert values.count(min(values)) == 1 and answer == labels[values.index(min(values))]
+        else:
+            label = question.removeprefix("<image>\nWhat is the value of bar ").removesuffix("?")
+            assert answer == str(values[labels.index(label)])
+
+
+def test_ocr_text_is_drawn_inside_the_image(dataset: tuple[Path, dict[str, int]],
+                                            records: list[dict]) -> None:
+    folder, _ = dataset
+    ocr = [r for r in records if r["task"] == "ocr"]
+    assert ocr
+    for record in ocr:
+        assert record["messages"][1]["content"] == "\n".join(record["lines"])
+        ink = _load_rgb(folder, record).max(axis=-1) < 120
+        assert ink.sum() > 20 * len(record["messages"][1]["content"].split())
+        assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), "text is clipped"
+
+
+# ---------------------------------------------------------------- arguments and CLI
+
+
+def test_bad_arguments_raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="split"):
+        generate_dataset(tmp_path, 1, 0, split="dev")
+    with pytest.raises(InputError, match="n must be"):
+        generate_dataset(tmp_path, -1, 0)
+    with pytest.raises(InputError, match="seed must be"):
+        generate_dataset(tmp_path, 1, -3)
+    with pytest.raises(InputError, match="unknown or empty task"):
+        generate_dataset(tmp_path, 1, 0, tasks=["juggling"])
+
+
+def test_cli_writes_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--out", str(tmp_path), "--n", "6", "--seed", "3", "--split", "test", "--tasks", "ocr,text"]
+    assert main(argv) == 0
+    written = _read_records(tmp_path, "test")
+    assert len(written) == 6 and {r["task"] for r in written} == {"ocr", "text"}
+    assert "wrote 6 records" in capsys.readouterr().out
+    assert main(["--out", str(tmp_path), "--n", "1", "--tasks", "nope"]) == 2
+    assert "unknown or empty task" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_thousand_samples_in_under_a_minute(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    counts = generate_dataset(tmp_path, 1000, 0)
+    assert sum(counts.values()) == 1000
+    assert time.perf_counter() - started < 60
