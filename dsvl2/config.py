@@ -174,29 +174,16 @@ class ProcessorConfig:
         return -(-(self.image_size // self.patch_size) // self.downsample_ratio)
 
 
-# Keys the released files carry that play no part in the model.
-_IGNORED_KEYS = {
-    "architectures", "auto_map", "lm_head", "rm_head", "torch_dtype", "transformers_version",
-    "model_type", "_name_or_path", "pretraining_tp", "initializer_range", "use_cache",
-    "pad_token_id", "attention_dropout", "ep_size", "weight_init", "deterministic",
-    "num_recomputing_layers", "use_checkpoint", "processor_class", "mlp_dim",
-}
-
-
 def _build(cls: type, raw: dict[str, Any], where: str, convert: dict[str, Any] | None = None) -> Any:
-    """Instantiate a dataclass from a dict, ignoring the known-irrelevant keys."""
+    """Instantiate a dataclass from a dict. Keys it does not know (`auto_map`, `lm_head`, `torch_dtype`,
+    ...) are ignored as the official code ignores them; values are validated by the callers."""
     names = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in names:
-            kwargs[key] = convert[key](value) if convert and key in convert and value is not None else value
-        elif key not in _IGNORED_KEYS:
-            # Unknown keys are tolerated like HF does, but never silently change behaviour.
-            continue
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - defensive
-        raise ConfigError(f"{where}: {exc}") from exc
+    convert = convert or {}
+    kwargs = {
+        key: convert[key](value) if key in convert and value is not None else value
+        for key, value in raw.items() if key in names
+    }
+    return cls(**kwargs)
 
 
 def _pairs(value: Any) -> tuple[tuple[int, int], ...]:
