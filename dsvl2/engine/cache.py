@@ -8,6 +8,9 @@ different lengths decode together without padding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from dsvl2.config import LanguageConfig
@@ -42,6 +45,22 @@ class KVCache:
             for _ in range(cfg.num_hidden_layers)
         ]
         self.bytes_per_token = cache_bytes_per_token(cfg, dtype)
+        self._slot_range: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.numel() * buf.element_size() for layer in self.buffers for buf in layer)
+
+    @contextmanager
+    def slot_range(self, start: int, stop: int) -> Iterator[None]:
+        """Within this block the caller's `slots` are exactly start..stop-1 in order, so reads are
+        views of the buffers instead of gathered copies (decided once, not by inspecting `slots`
+        in every layer, which would synchronise a GPU)."""
+        self._slot_range = (start, stop)
+        try:
+            yield
+        finally:
+            self._slot_range = None
 
     def update(
         self, layer: int, slots: torch.Tensor, positions: torch.Tensor, new: tuple[torch.Tensor, ...], key_len: int
@@ -51,6 +70,9 @@ class KVCache:
         bufs = self.buffers[layer]
         for buf, value in zip(bufs, new, strict=True):
             buf[slots[:, None], positions] = value.to(buf.dtype)
+        if self._slot_range is not None:
+            start, stop = self._slot_range
+            return tuple(buf[start:stop, :key_len] for buf in bufs)
         if slots.numel() == 1:  # a view, no copy
             s = int(slots[0])
             return tuple(buf[s:s + 1, :key_len] for buf in bufs)
