@@ -138,12 +138,14 @@ def test_training_loss(variant: str) -> None:
 # (small_like), 0.74 (base_like); logsumexp within 0.06; argmax agreement >= 0.88, the rest
 # being near-ties of random weights and MoE routing flips. The bounds leave ~35% headroom.
 BF16_TOLERANCE = {"last4": 1.0, "logsumexp": 0.08, "argmax": 0.85}
+# bfloat16 matmuls are slow on CPUs without native support: three cases keep the check affordable.
+BF16_CASES = [c for c in ("text_only", "one_square", "system_turn") if c in CASES]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bfloat16_logits_within_measured_tolerance(variant: str) -> None:
     ref = outputs(variant)
-    for case in CASES:
+    for case in BF16_CASES:
         logits = forward(variant, case, torch.bfloat16).logits[0].float()
         assert max_diff(logits[-4:], ref[f"{case}.logits_last4"]) <= BF16_TOLERANCE["last4"], case
         lse = (logits.logsumexp(-1) - ref[f"{case}.logits_logsumexp"]).abs().max().item()
