@@ -12,7 +12,7 @@ from dsvl2.checkpoint import load_model
 from dsvl2.config import ConfigError, LanguageConfig, RopeScaling, model_config_from_dict
 from dsvl2.engine.cache import KVCache
 from dsvl2.language.attention import MultiHeadLatentAttention
-from dsvl2.language.moe import route, sequence_aux_loss
+from dsvl2.language.moe import route
 from dsvl2.language.rope import inverse_frequencies, rotary_cos_sin, yarn_mscale
 from dsvl2.projector import pixel_shuffle
 
@@ -80,14 +80,6 @@ def test_noaux_tc_selects_with_bias_but_weights_without() -> None:
     # group ranking uses the sum of the two best corrected scores: group 1 = 5.1 + 0.2 beats 0.9 + 0.8
     _, idx = route(scores, 2, "noaux_tc", n_group=2, topk_group=1, correction_bias=bias)
     assert sorted(idx[0].tolist()) == [2, 3]
-
-
-def test_sequence_aux_loss_by_hand() -> None:
-    # one sequence, T=2 tokens, E=2 experts, k=1: token 0 -> expert 0, token 1 -> expert 0
-    scores = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
-    indices = torch.tensor([[0], [0]])
-    # f = [2 * 2 / (2 * 1), 0] = [2, 0]; P = [0.625, 0.375]; sum f*P = 1.25
-    assert sequence_aux_loss(scores, indices, batch=1, alpha=0.1).item() == pytest.approx(0.125)
 
 
 def test_pixel_shuffle_pads_and_orders_channel_major() -> None:
