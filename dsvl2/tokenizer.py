@@ -124,11 +124,16 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
 
+_MAX_UTF8_BYTES = 4
+
+
 class StreamDecoder:
     """Turns a stream of token ids into text pieces, never splitting a multi-byte character.
 
     A byte-level token can end in the middle of a UTF-8 character, which decodes to U+FFFD;
-    such text is held back until a later token completes it. Decoding restarts from a
+    such text is held back until a later token completes it, for at most three tokens: every token
+    holds at least one byte and a character at most four, so text that still ends in U+FFFD
+    after that is invalid output, not a character in progress. Decoding restarts from a
     recent boundary (`_prefix`) so each push costs O(tokens since the last emitted piece).
     """
 
@@ -149,7 +154,8 @@ class StreamDecoder:
         # first token of a string specially (leading-space stripping) from changing the text.
         emitted = self._decode(self._ids[self._prefix:self._read])
         current = self._decode(self._ids[self._prefix:])
-        if len(current) <= len(emitted) or current.endswith(_REPLACEMENT_CHAR):
+        pending = len(self._ids) - self._read
+        if len(current) <= len(emitted) or (current.endswith(_REPLACEMENT_CHAR) and pending < _MAX_UTF8_BYTES):
             return ""
         piece = current[len(emitted):]
         self._prefix, self._read = self._read, len(self._ids)

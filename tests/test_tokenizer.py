@@ -99,3 +99,18 @@ def test_missing_special_tokens_are_added(tmp_path: Path, tokenizer: Tokenizer) 
 def test_from_dir_without_tokenizer_json_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_stream_decoder_releases_invalid_bytes_instead_of_holding_them_forever() -> None:
+    """A run of tokens that never forms valid UTF-8 must still stream, a few tokens late at most."""
+    from conformance_data import conformance_dir
+
+    directory = conformance_dir() / "tokenizer"
+    if not directory.exists():
+        pytest.skip("conformance tokenizer not found")
+    tokenizer = Tokenizer.from_dir(directory)
+    lead_byte = next(i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) == "\ufffd")
+    decoder = tokenizer.stream_decoder()
+    pieces = [decoder.push(lead_byte) for _ in range(10)]
+    assert sum(1 for p in pieces if p) >= 2  # released while streaming, not only at the end
+    assert "".join(pieces) + decoder.flush() == tokenizer.decode([lead_byte] * 10)

@@ -1,0 +1,192 @@
+"""The web page in headless Chromium: upload an image, stream an answer, see its box, stop a generation.
+
+Needs Debian's Chromium (`apt-get install -y chromium`, giving /usr/bin/chromium) and the Playwright
+Python package (`pip install playwright`; its own browser download is never used). The server runs
+in this process on loopback with the real engine on the tiny_like checkpoint, wrapped so that every
+answer starts with a fixed grounding span (random weights never produce one), never stops early at
+end-of-sentence, and takes a short pause per step so streaming is visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is absent (install Debian's browser: apt-get install -y chromium)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the playwright package is needed (pip install playwright)")
+pytest.importorskip("fastapi", reason="the serve extra is needed (pip install -e '.[serve]')")
+
+from dsvl2.engine.generate import Engine  # noqa: E402
+from dsvl2.serve.app import ServeSettings, create_app  # noqa: E402
+from dsvl2.serve.launch import ThreadedServer  # noqa: E402
+from dsvl2.serve.runner import EngineRunner  # noqa: E402
+
+SERVED_NAME = "tiny-page"
+GRID_BOX = (100, 200, 599, 799)
+SPAN = f"<|ref|>the square<|/ref|><|det|>[[{', '.join(map(str, GRID_BOX))}]]<|/det|>"
+
+
+class GroundingEngine:
+    """The real engine, with SPAN streamed in front of each answer a few characters per step.
+
+    Answers run to max_tokens, one step per `delay_s`. (The random model's own tokens are mostly
+    invalid UTF-8 bytes, which the decoder holds back to the end, so they would not show streaming.)
+    """
+
+    PIECE = 8  # characters of SPAN per event
+
+    def __init__(self, engine: Engine, delay_s: float) -> None:
+        self._engine = engine
+        self._delay_s = delay_s
+        self._forced: dict[str, str] = {}  # request id -> the part of SPAN not sent yet
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def submit(self, request) -> str:
+        request.sampling = dataclasses.replace(request.sampling, ignore_eos=True)
+        request_id = self._engine.submit(request)
+        self._forced[request_id] = SPAN
+        return request_id
+
+    def step(self):
+        time.sleep(self._delay_s)
+        events = self._engine.step()
+        for index, event in enumerate(events):
+            forced = self._forced.get(event.request_id, "")
+            piece = forced if event.finished else forced[:self.PIECE]
+            if event.finished:
+                self._forced.pop(event.request_id, None)
+            else:
+                self._forced[event.request_id] = forced[len(piece):]
+            events[index] = dataclasses.replace(event, text=piece + event.text)
+        return events
+
+
+@pytest.fixture(scope="module")
+def served(conf_dir: Path):
+    import torch
+
+    model_dir = conf_dir / "tiny_like"
+    if not (model_dir / "config.json").exists():
+        pytest.skip(f"no tiny_like checkpoint in {conf_dir}")
+    runner = EngineRunner(GroundingEngine(Engine.from_pretrained(model_dir, dtype=torch.float32, device="cpu"),
+                                          delay_s=0.03))
+    with ThreadedServer(create_app(runner, ServeSettings(served_model_name=SERVED_NAME))) as server:
+        yield server, runner
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, served):
+    server, _ = served
+    page = browser.new_page(viewport={"width": 1280, "height": 820})
+    page.goto(server.base_url + "/")
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{SERVED_NAME}'")
+    yield page
+    page.close()
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    directory = Path(os.environ.get("DSVL2_SCREENSHOT_DIR") or tmp_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+COUNT_ANSWER_UPDATES = """() => {
+  window.answerUpdates = 0;
+  new MutationObserver((records) => {
+    for (const record of records) {
+      const message = record.target.closest && record.target.closest('.msg.assistant.streaming');
+      if (message) window.answerUpdates += 1;
+    }
+  }).observe(document.getElementById('chat'), {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def test_upload_ask_stream_and_draw_box(page, served, conf_dir: Path, tmp_path: Path) -> None:
+    square = conf_dir / "images" / "square.png"
+    page.set_input_files("#file-input", str(square))
+    page.wait_for_selector("#stage-image[src^='data:image/png']")
+    page.evaluate(COUNT_ANSWER_UPDATES)
+    page.fill("#max-tokens", "24")
+    page.fill("#prompt", "<|ref|>the square<|/ref|>.")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant.done", timeout=60_000)
+    page.wait_for_selector(".box")
+
+    assert page.evaluate("window.answerUpdates") >= 3, "the answer did not arrive in several streamed pieces"
+    answer = page.inner_text(".msg.assistant .text")
+    assert answer.startswith("the square") and "<|det|>" not in answer  # tags rendered, not shown raw
+    assert "24 completion tokens" in page.inner_text(".msg.assistant .meta")
+    assert page.inner_text(".box .box-label") == "the square"
+    image = page.locator("#stage-image").bounding_box()
+    box = page.locator(".box").bounding_box()
+    # The drawn box covers grid / 999 of the displayed image, whatever its on-screen scale.
+    for got, expected in [((box["x"] - image["x"]) / image["width"], GRID_BOX[0] / 999),
+                          ((box["y"] - image["y"]) / image["height"], GRID_BOX[1] / 999),
+                          (box["width"] / image["width"], (GRID_BOX[2] - GRID_BOX[0]) / 999),
+                          (box["height"] / image["height"], (GRID_BOX[3] - GRID_BOX[1]) / 999)]:
+        assert abs(got - expected) < 0.01
+    assert page.locator(".thumb .badge").all_inner_texts() == ["#1"]  # the image joined the conversation
+    path = screenshot_dir(tmp_path) / "web_page.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+
+
+def test_stop_button_aborts_and_frees_the_engine(page, served) -> None:
+    _, runner = served
+    page.evaluate(COUNT_ANSWER_UPDATES)
+    page.fill("#max-tokens", "3000")
+    page.fill("#prompt", "Tell me a very long story.")
+    page.click("#send")
+    page.wait_for_function("window.answerUpdates >= 2", timeout=60_000)
+    assert runner.num_pending == 1
+    page.click("#stop")
+    page.wait_for_selector(".msg.assistant.done", timeout=10_000)
+    assert "stopped" in page.inner_text(".msg.assistant .meta")
+    deadline = time.monotonic() + 10
+    while (runner.num_pending or runner.engine.num_running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert runner.num_pending == 0 and runner.engine.num_running == 0
+    assert page.is_enabled("#send") and not page.is_enabled("#stop")
+
+
+PASTE_FILE = """async ([name, bytes]) => {
+  const file = new File([new Uint8Array(bytes)], name, {type: 'image/png'});
+  const data = new DataTransfer();
+  data.items.add(file);
+  document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true}));
+}"""
+
+
+def test_pasted_image_is_attached_and_a_refusal_is_shown(page, conf_dir: Path) -> None:
+    tiny = (conf_dir / "images" / "tiny.png").read_bytes()
+    page.evaluate(PASTE_FILE, ["tiny.png", list(tiny)])
+    page.wait_for_selector(".thumb .badge")
+    assert page.locator(".thumb .badge").all_inner_texts() == ["new"]
+    page.evaluate(PASTE_FILE, ["broken.png", list(b"these bytes are not a picture")])
+    page.wait_for_function("document.querySelectorAll('.thumb').length === 2")
+    page.fill("#prompt", "What is this?")
+    page.click("#send")
+    error = page.wait_for_selector(".msg.error", timeout=30_000)
+    assert "image 1" in error.inner_text() and "not a decodable image" in error.inner_text()
+    assert page.locator(".thumb .badge").all_inner_texts() == ["new", "new"]  # kept, to fix and resend
