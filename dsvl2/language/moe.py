@@ -107,7 +107,7 @@ def run_experts(
     start = 0
     for expert_id, count in enumerate(counts):
         if count:
-            outputs[order[start:start + count]] = experts[expert_id](rows[start:start + count])
+            outputs[order[start:start + count]] = experts[expert_id](rows[start:start + count]).to(outputs.dtype)
             start += count
     mixed = outputs.view(n, k, -1).float() * weights[..., None]
     return mixed.sum(dim=1).to(x.dtype)

@@ -1,0 +1,511 @@
+"""Streaming training data: JSON Lines shards, a weighted mixture of sources, exact resume.
+
+A shard is a JSON Lines file with one record per line, either a conversation
+
+    {"messages": [{"role": "user", "content": "<image>\\nWhat is this?"},
+                  {"role": "assistant", "content": "A cat."}],
+     "images": ["images/cat.png"]}                # paths relative to the shard's folder
+
+or plain text `{"text": "..."}`, trained on as begin-of-sentence + tokens + end-of-sentence
+with every token in the loss (cut to `max_length`). Captions, OCR, VQA, grounding, grounded
+conversations and interleaved image-text (several `<image>` tags and images) are all
+conversations. Other keys of a record are ignored. A bad record (invalid JSON, missing image
+file, wrong `<image>` count, undecodable image, too long, ...) is skipped, counted by reason
+and logged with its shard and line; it never stops a run.
+
+How the stream is made and split. Each source reads its shards in a seeded order per epoch
+(the epochs never end) through a bounded shuffle buffer; a seeded RNG draws the source of each
+record by weight. Every data-loader worker of every rank walks this same global stream (the
+buffers hold raw lines, so walking costs little next to decoding images) and decodes only its
+own records: the stream is cut into chunks of `batch_size` records and chunk c belongs to the
+worker numbered c mod (world_size * num_workers). So no record goes to two workers, and a global
+step of `world_size * grad_accum` micro-batches holds the same records for every split of the
+same global batch size (without bad records), e.g. 2 ranks x 2 samples or 1 rank x 4 samples.
+
+Resume: each worker's position, shard cursors, shuffle buffers and RNG states travel with every
+batch it yields; `TrainLoader.state_dict()` keeps the last ones consumed, and a loader restored
+from it yields exactly the batches the interrupted one would have yielded next.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dsvl2.errors import (
+    ImageCountError,
+    ImageDecodeError,
+    ImageTooLargeError,
+    InputError,
+    PromptTooLongError,
+)
+from dsvl2.processor import Batch, Processor, Sample
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "bad_json", "invalid_record", "missing_image", "image_count", "image_decode", "image_too_large", "too_long",
+)
+STATE_VERSION = 1
+# Distinct seed streams: shard order, shuffle buffer, mixture draws.
+_SHARD_ORDER_STREAM, _BUFFER_STREAM, _MIXTURE_STREAM = 1, 2, 3
+
+
+class DataError(ValueError):
+    """The data cannot be trained on at all (no shards, nothing usable, an incompatible resume state)."""
+
+
+class SkipRecord(Exception):
+    """A record that cannot become a sample; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DataSource:
+    name: str
+    paths: tuple[str | Path, ...]  # JSON Lines files, glob patterns or folders of *.jsonl
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    source: int
+    shard: int  # index into the source's shard list
+    line: int  # 0-based line number in the shard
+    text: bytes
+
+
+def find_shards(paths: Sequence[str | Path]) -> list[Path]:
+    """Shard files of a source: files as given, folders as their sorted *.jsonl, globs expanded sorted."""
+    shards: list[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+        elif glob.has_magic(str(path)):
+            found = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+        elif path.is_file():
+            found = [path]
+        else:
+            raise DataError(f"{path} does not exist")
+        if not found:
+            raise DataError(f"{path} matches no .jsonl file")
+        shards.extend(found)
+    return list(dict.fromkeys(shards))
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw record streams
+# --------------------------------------------------------------------------------------------------
+
+
+class ShardStream:
+    """One source's raw records, forever: a seeded shard order per epoch, then a shuffle buffer."""
+
+    def __init__(self, name: str, shards: Sequence[Path], seed: int, source_index: int, shuffle_buffer: int,
+                 shuffle_shards: bool = True) -> None:
+        if not shards:
+            raise DataError(f"source {name!r} has no shards")
+        self.name = name
+        self.shards = list(shards)
+        self.seed = seed
+        self.source_index = source_index
+        self.buffer_size = shuffle_buffer
+        self.shuffle_shards = shuffle_shards
+        self._rng = np.random.default_rng([seed, source_index, _BUFFER_STREAM])
+        self.epoch = 0
+        self.cursor = 0  # index into this epoch's shard order
+        self.line = 0  # next line of the current shard
+        self.offset = 0  # its byte offset
+        self.lines_this_epoch = 0
+        self.buffer: list[tuple[int, int, bytes]] = []
+        self._order = self._epoch_order(0)
+        self._file = None
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle_shards:
+            return list(range(len(self.shards)))
+        rng = np.random.default_rng([self.seed, self.source_index, _SHARD_ORDER_STREAM, epoch])
+        return [int(i) for i in rng.permutation(len(self.shards))]
+
+    def _next_shard(self) -> None:
+        self.close()
+        self.cursor += 1
+        self.line = self.offset = 0
+        if self.cursor == len(self.shards):
+            if self.lines_this_epoch == 0:
+                raise DataError(f"source {self.name!r}: its {len(self.shards)} shard(s) hold no records")
+            self.epoch += 1
+            self.cursor = self.lines_this_epoch = 0
+            self._order = self._epoch_order(self.epoch)
+
+    def _read_line(self) -> tuple[int, int, bytes]:
+        while True:
+            shard = self._order[self.cursor]
+            if self._file is None:
+                self._file = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open across calls
+                self._file.seek(self.offset)
+            raw = self._file.readline()
+            if not raw:
+                self._next_shard()
+                continue
+            line = self.line
+            self.line += 1
+            self.offset += len(raw)
+            if raw.strip():  # blank lines are no records
+                self.lines_this_epoch += 1
+                return shard, line, raw
+
+    def next(self) -> tuple[int, int, bytes]:
+        if self.buffer_size <= 1:
+            return self._read_line()
+        while len(self.buffer) < self.buffer_size:
+            self.buffer.append(self._read_line())
+        index = int(self._rng.integers(len(self.buffer)))
+        record = self.buffer[index]
+        self.buffer[index] = self._read_line()
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "shards": [str(s) for s in self.shards], "epoch": self.epoch, "cursor": self.cursor,
+            "line": self.line, "offset": self.offset, "lines_this_epoch": self.lines_this_epoch,
+            "buffer": list(self.buffer), "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["shards"] != [str(s) for s in self.shards]:
+            raise DataError(f"source {self.name!r}: its shard files differ from those of the saved data position")
+        self.close()
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.line, self.offset = state["line"], state["offset"]
+        self.lines_this_epoch = state["lines_this_epoch"]
+        self.buffer = list(state["buffer"])
+        self._rng.bit_generator.state = state["rng"]
+        self._order = self._epoch_order(self.epoch)
+
+
+class MixtureStream:
+    """Records of several sources, each record's source drawn by weight with a seeded RNG."""
+
+    def __init__(self, streams: Sequence[ShardStream], weights: Sequence[float], seed: int) -> None:
+        if len(streams) != len(weights) or not streams:
+            raise DataError("a mixture needs one weight per source and at least one source")
+        total = float(sum(weights))
+        self.streams = list(streams)
+        self.cumulative = np.cumsum(np.asarray(weights, dtype=np.float64) / total)
+        self._rng = np.random.default_rng([seed, _MIXTURE_STREAM])
+
+    def next(self) -> RawRecord:
+        draw = self._rng.random()
+        source = min(int(np.searchsorted(self.cumulative, draw, side="right")), len(self.streams) - 1)
+        shard, line, text = self.streams[source].next()
+        return RawRecord(source, shard, line, text)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng.bit_generator.state, "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["streams"]) != len(self.streams):
+            raise DataError(f"the saved data position has {len(state['streams'])} sources, the recipe "
+                            f"{len(self.streams)}")
+        self._rng.bit_generator.state = state["rng"]
+        for stream, saved in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(saved)
+
+
+# --------------------------------------------------------------------------------------------------
+# Records to samples
+# --------------------------------------------------------------------------------------------------
+
+
+class RecordEncoder:
+    """A raw JSON line to a training `Sample`, or SkipRecord naming why it cannot be one."""
+
+    def __init__(self, processor: Processor, max_length: int | None = None) -> None:
+        self.processor = processor
+        self.max_length = max_length if max_length is not None else processor.context_length
+
+    def __call__(self, text: bytes, shard_path: Path) -> Sample:
+        try:
+            record = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SkipRecord("bad_json", f"not valid JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise SkipRecord("invalid_record", f"a record is a JSON object, got {type(record).__name__}")
+        if "messages" in record:
+            return self.conversation(record, shard_path.parent)
+        if "text" in record:
+            return self.plain_text(record["text"])
+        raise SkipRecord("invalid_record", "a record needs 'messages' (a conversation) or 'text'")
+
+    def plain_text(self, text: Any) -> Sample:
+        if not isinstance(text, str) or not text.strip():
+            raise SkipRecord("invalid_record", "'text' must be a non-empty string")
+        tokenizer = self.processor.tokenizer
+        ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+        if self.max_length is not None:
+            ids = ids[: self.max_length]  # a long document is cut, not dropped
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        size = self.processor.tile_size
+        return Sample(
+            input_ids=input_ids,
+            labels=input_ids.clone(),
+            images_seq_mask=torch.zeros(len(ids), dtype=torch.bool),
+            images_spatial_crop=torch.zeros((1, 2), dtype=torch.long),
+            pixel_values=torch.zeros((0, 3, size, size), dtype=torch.float32),
+        )
+
+    def conversation(self, record: dict, folder: Path) -> Sample:
+        images = record.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise SkipRecord("invalid_record", "'images' must be a list of path strings")
+        paths = [folder / p for p in images]
+        for path in paths:
+            if not path.is_file():
+                raise SkipRecord("missing_image", f"image file {path} does not exist")
+        try:
+            return self.processor.encode(record["messages"], paths, inference=False, max_length=self.max_length)
+        except ImageCountError as exc:
+            raise SkipRecord("image_count", str(exc)) from None
+        except ImageDecodeError as exc:
+            raise SkipRecord("image_decode", str(exc)) from None
+        except ImageTooLargeError as exc:
+            raise SkipRecord("image_too_large", str(exc)) from None
+        except PromptTooLongError as exc:
+            raise SkipRecord("too_long", str(exc)) from None
+        except InputError as exc:
+            raise SkipRecord("invalid_record", str(exc)) from None
+
+
+def collate(processor: Processor, samples: Sequence[Sample]) -> Batch:
+    """Training batch: samples padded on the right (labels ignore_id there) by `processor.batch`."""
+    return processor.batch(samples, padding="right")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-worker batches
+# --------------------------------------------------------------------------------------------------
+
+
+class WorkerStream:
+    """The micro-batches of one data-loader worker of one rank: its chunks of the global stream."""
+
+    def __init__(self, mixture: MixtureStream, encoder: RecordEncoder, shard_paths: Sequence[Sequence[Path]],
+                 batch_size: int, owner: int, num_owners: int, max_consecutive_bad: int = 1000) -> None:
+        self.mixture = mixture
+        self.encoder = encoder
+        self.shard_paths = shard_paths
+        self.batch_size = batch_size
+        self.owner = owner
+        self.num_owners = num_owners
+        self.max_consecutive_bad = max_consecutive_bad
+        self.position = 0  # global stream position of the next record
+        self.skipped: Counter[str] = Counter()
+        self.consecutive_bad = 0
+
+    def owns(self, position: int) -> bool:
+        return (position // self.batch_size) % self.num_owners == self.owner
+
+    def next_samples(self) -> list[Sample]:
+        samples: list[Sample] = []
+        while len(samples) < self.batch_size:
+            record = self.mixture.next()
+            position = self.position
+            self.position += 1
+            if not self.owns(position):
+                continue
+            shard_path = self.shard_paths[record.source][record.shard]
+            try:
+                samples.append(self.encoder(record.text, shard_path))
+                self.consecutive_bad = 0
+            except SkipRecord as skip:
+                self._skip(skip, shard_path, record.line)
+        return samples
+
+    def _skip(self, skip: SkipRecord, shard_path: Path, line: int) -> None:
+        self.skipped[skip.reason] += 1
+        self.consecutive_bad += 1
+        logger.warning("skipped record %s:%d (%s): %s", shard_path, line + 1, skip.reason, skip)
+        if self.consecutive_bad >= self.max_consecutive_bad:
+            raise DataError(f"{self.consecutive_bad} bad records in a row (last: {shard_path}:{line + 1}, "
+                            f"{skip.reason}); counts so far {dict(self.skipped)}: check the data")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "skipped": dict(self.skipped), "consecutive_bad": self.consecutive_bad,
+                "mixture": self.mixture.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = state["position"]
+        self.skipped = Counter(state["skipped"])
+        self.consecutive_bad = state["consecutive_bad"]
+        self.mixture.load_state_dict(state["mixture"])
+
+
+@dataclass
+class LoaderItem:
+    batch: Batch
+    worker: int  # logical worker that made it
+    state: dict[str, Any]  # that worker's position after it
+
+
+class TrainDataset(IterableDataset):
+    """Endless micro-batches for one rank (see the module docstring for the split)."""
+
+    def __init__(
+        self,
+        sources: Sequence[DataSource],
+        processor: Processor,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        shuffle_shards: bool = True,
+        max_length: int | None = None,
+        max_consecutive_bad: int = 1000,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise DataError("no data sources")
+        if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+            raise DataError(f"bad split: batch_size {batch_size}, rank {rank} of {world_size}, "
+                            f"{num_workers} workers")
+        self.sources = list(sources)
+        self.shards = [find_shards(s.paths) for s in self.sources]
+        self.processor = processor
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_shards = shuffle_shards
+        self.max_length = max_length
+        self.max_consecutive_bad = max_consecutive_bad
+        self.resume_states: dict[int, dict[str, Any]] = {}
+        self.rotation = 0  # logical worker of physical worker 0
+
+    @property
+    def workers_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+    def worker_stream(self, worker: int) -> WorkerStream:
+        """A fresh stream of logical worker `worker` of this rank."""
+        streams = [
+            ShardStream(s.name, shards, self.seed, i, self.shuffle_buffer, self.shuffle_shards)
+            for i, (s, shards) in enumerate(zip(self.sources, self.shards, strict=True))
+        ]
+        mixture = MixtureStream(streams, [s.weight for s in self.sources], self.seed)
+        encoder = RecordEncoder(self.processor, self.max_length)
+        owner = worker * self.world_size + self.rank
+        return WorkerStream(mixture, encoder, self.shards, self.batch_size, owner,
+                            self.world_size * self.workers_per_rank, self.max_consecutive_bad)
+
+    def __iter__(self) -> Iterator[LoaderItem]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        # DataLoader asks its workers in turn starting from physical worker 0; rotating the
+        # logical numbering makes a resumed loader continue with the worker that was next.
+        worker = (physical + self.rotation) % self.workers_per_rank
+        stream = self.worker_stream(worker)
+        if worker in self.resume_states:
+            stream.load_state_dict(self.resume_states[worker])
+        try:
+            while True:
+                batch = collate(self.processor, stream.next_samples())
+                yield LoaderItem(batch, worker, stream.state_dict())
+        finally:
+            stream.mixture.close()
+
+
+def _pass_through(item: LoaderItem) -> LoaderItem:
+    return item
+
+
+class TrainLoader:
+    """Iterates a TrainDataset's micro-batches (through DataLoader workers) and can resume exactly."""
+
+    def __init__(self, dataset: TrainDataset, prefetch_factor: int = 2) -> None:
+        self.dataset = dataset
+        self.prefetch_factor = prefetch_factor
+        self.consumed = 0
+        self.worker_states: dict[int, dict[str, Any]] = {}
+        self._iterator: Iterator[LoaderItem] | None = None
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            self._iterator = self._start()
+        item = next(self._iterator)
+        self.worker_states[item.worker] = item.state
+        self.consumed += 1
+        return item.batch
+
+    def _start(self) -> Iterator[LoaderItem]:
+        dataset = self.dataset
+        dataset.resume_states = dict(self.worker_states)
+        dataset.rotation = self.consumed % dataset.workers_per_rank
+        if dataset.num_workers == 0:
+            return iter(dataset)
+        loader = DataLoader(dataset, batch_size=None, num_workers=dataset.num_workers, collate_fn=_pass_through,
+                            prefetch_factor=self.prefetch_factor)
+        return iter(loader)
+
+    def skipped(self) -> dict[str, int]:
+        """Records skipped so far by this rank's workers, by reason."""
+        total: Counter[str] = Counter()
+        for state in self.worker_states.values():
+            total.update(state["skipped"])
+        return dict(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        dataset = self.dataset
+        return {
+            "version": STATE_VERSION, "rank": dataset.rank, "world_size": dataset.world_size,
+            "num_workers": dataset.num_workers, "batch_size": dataset.batch_size, "seed": dataset.seed,
+            "consumed": self.consumed, "workers": dict(self.worker_states),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        dataset = self.dataset
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"unknown data-position version {state.get('version')!r}")
+        expected = {"rank": dataset.rank, "world_size": dataset.world_size, "num_workers": dataset.num_workers,
+                    "batch_size": dataset.batch_size, "seed": dataset.seed}
+        differ = {k: (state[k], v) for k, v in expected.items() if state[k] != v}
+        if differ:
+            details = ", ".join(f"{k} saved {old} now {new}" for k, (old, new) in differ.items())
+            raise DataError(f"cannot continue the saved data position exactly: {details}")
+        self.close()
+        self.consumed = state["consumed"]
+        self.worker_states = dict(state["workers"])
+
+    def close(self) -> None:
+        """Stop the worker processes; the next batch restarts them from the current position."""
+        self._iterator = None

@@ -1,0 +1,301 @@
+"""Training recipes: one YAML file per stage, parsed into frozen dataclasses.
+
+Every relative path in a recipe is taken relative to the folder of the YAML file, so a recipe
+and its data can move together. Unknown keys are errors (a typo must not silently fall back
+to a default), and every error names the offending key.
+
+    stage: sft                    # align | pretrain | sft
+    seed: 0
+    model:
+      checkpoint: ../ckpt/tiny    # start from these weights, or
+      # config: model.json        # a config.json path or an inline dict: fresh weights
+      processor: null             # tokenizer + processor_config.json folder (default: checkpoint)
+    data:
+      sources:
+        - {name: vl, paths: [data/vl/*.jsonl], weight: 0.7}
+        - {name: text, paths: [data/text], weight: 0.3}
+    optimizer: {lr: 2.0e-5, module_lr: {projector: 1.0e-4}}
+    schedule: {warmup_steps: 100}
+    training: {steps: 1000, micro_batch_size: 2, grad_accum: 8, dtype: bfloat16}
+    output: {dir: runs/sft, save_every: 500}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("align", "pretrain", "sft")
+MODULE_GROUPS = ("vision", "projector", "language")
+DTYPES = ("float32", "bfloat16")
+STRATEGIES = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "constant")
+
+
+class RecipeError(ValueError):
+    """A training recipe has a missing, unknown or invalid value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    checkpoint: Path | None = None  # a checkpoint directory to start from
+    config: Path | dict | None = None  # a config.json (path or dict) for fresh weights
+    processor: Path | None = None  # tokenizer + processor_config.json; default: checkpoint
+    init_std: float = 0.02  # std of the fresh weights (config only)
+
+
+@dataclass(frozen=True)
+class SourceSection:
+    name: str
+    paths: tuple[Path, ...]  # JSON Lines files, glob patterns or folders of *.jsonl
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataSection:
+    sources: tuple[SourceSection, ...] = ()
+    shuffle_buffer: int = 1000  # records; 1 keeps the file order
+    shuffle_shards: bool = True
+    num_workers: int = 0  # data-loader processes per rank
+    max_length: int | None = None  # tokens; default: the model's context length
+    mask_prompt: bool | None = None  # default: the stage's choice (true for every stage)
+    max_consecutive_bad: int = 1000  # give up when this many records in a row are bad
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    lr: float = 1e-4
+    module_lr: dict = field(default_factory=dict)  # {vision|projector|language: lr}
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    kind: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    steps: int = 1000  # optimiser steps
+    micro_batch_size: int = 1  # samples per forward, per rank
+    grad_accum: int = 1  # micro-batches per optimiser step
+    max_grad_norm: float | None = 1.0
+    dtype: str = "float32"  # bfloat16: autocast, float32 master weights
+    activation_checkpointing: bool = False
+    freeze: tuple[str, ...] = ()  # module groups frozen on top of the stage's choice
+    aux_loss: bool = True  # add the MoE balance loss of softmax gates
+    bias_update_rate: float = 1e-3  # noaux_tc: e_score_correction_bias step per optimiser step
+    strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
+    device: str = "auto"  # auto: cuda if available, else cpu
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    dir: Path  # checkpoints, log.jsonl and TensorBoard events
+    save_every: int = 1000  # steps; the last step is always saved
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    log_every: int = 10
+    tensorboard: bool = False  # only if the tensorboard package is installed
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    stage: str
+    model: ModelSection
+    data: DataSection
+    output: OutputSection
+    seed: int = 0
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    source: Path | None = None  # the YAML file it came from
+    raw: dict = field(default_factory=dict)  # the parsed YAML, saved with checkpoints
+
+    @property
+    def global_micro_batches(self) -> int:
+        return self.training.micro_batch_size * self.training.grad_accum
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def _convert(value: Any, annotation: Any, where: str, base_dir: Path) -> Any:
+    """Check and convert one YAML value to the field's annotated type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise RecipeError(f"{where} must not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where, base_dir)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of the allowed types")
+    if value is None:
+        raise RecipeError(f"{where} must not be null")
+    if annotation is Path:
+        if not isinstance(value, (str, Path)):
+            raise RecipeError(f"{where} must be a path string, got {type(value).__name__}")
+        path = Path(value).expanduser()
+        # normpath folds "a/../b" without following symbolic links (a linked data folder stays linked).
+        return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        # PyYAML reads `1e-4` (no dot) as a string, so numeric strings are accepted.
+        if isinstance(value, bool):
+            raise RecipeError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where} must be a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where} must be a string, got {value!r}")
+        return value
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        items = [value] if isinstance(value, (str, Path)) else value
+        if not isinstance(items, (list, tuple)):
+            raise RecipeError(f"{where} must be a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]", base_dir) for i, v in enumerate(items))
+        if len(items) != len(args):
+            raise RecipeError(f"{where} must be a list of {len(args)} values, got {len(items)}")
+        pairs = enumerate(zip(items, args, strict=True))
+        return tuple(_convert(v, a, f"{where}[{i}]", base_dir) for i, (v, a) in pairs)
+    if dataclasses.is_dataclass(annotation):
+        return _section(annotation, value, where, base_dir)
+    raise RecipeError(f"{where}: unsupported field type {annotation!r}")  # pragma: no cover
+
+
+def _section(cls: type, raw: Any, where: str, base_dir: Path, skip: tuple[str, ...] = ()) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, spec in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], key, base_dir)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{key} is required")
+    return cls(**kwargs)
+
+
+def _check(recipe: TrainRecipe) -> None:
+    if recipe.stage not in STAGES:
+        raise RecipeError(f"stage is {recipe.stage!r}; expected one of {', '.join(STAGES)}")
+    model = recipe.model
+    if (model.checkpoint is None) == (model.config is None):
+        raise RecipeError("model: give exactly one of checkpoint (existing weights) or config (fresh weights)")
+    if model.checkpoint is None and model.processor is None:
+        raise RecipeError("model.processor is required with model.config (where the tokenizer files are)")
+    if not recipe.data.sources:
+        raise RecipeError("data.sources must list at least one source")
+    names = [s.name for s in recipe.data.sources]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"data.sources: names must be unique, got {names}")
+    for i, source in enumerate(recipe.data.sources):
+        if source.weight <= 0:
+            raise RecipeError(f"data.sources[{i}].weight must be > 0, got {source.weight}")
+        if not source.paths:
+            raise RecipeError(f"data.sources[{i}].paths is empty")
+    positive = {
+        "data.shuffle_buffer": recipe.data.shuffle_buffer, "training.steps": recipe.training.steps,
+        "training.micro_batch_size": recipe.training.micro_batch_size,
+        "training.grad_accum": recipe.training.grad_accum, "output.log_every": recipe.output.log_every,
+        "output.save_every": recipe.output.save_every, "data.max_consecutive_bad": recipe.data.max_consecutive_bad,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise RecipeError(f"{key} must be >= 1, got {value}")
+    if recipe.data.num_workers < 0 or recipe.output.keep_last < 0 or recipe.schedule.warmup_steps < 0:
+        raise RecipeError("data.num_workers, output.keep_last and schedule.warmup_steps must be >= 0")
+    if recipe.data.max_length is not None and recipe.data.max_length < 2:
+        raise RecipeError(f"data.max_length must be >= 2, got {recipe.data.max_length}")
+    choices = {
+        "training.dtype": (recipe.training.dtype, DTYPES),
+        "training.strategy": (recipe.training.strategy, STRATEGIES),
+        "schedule.kind": (recipe.schedule.kind, SCHEDULES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise RecipeError(f"{key} is {value!r}; expected one of {', '.join(allowed)}")
+    for group in (*recipe.optimizer.module_lr, *recipe.training.freeze):
+        if group not in MODULE_GROUPS:
+            raise RecipeError(f"unknown module group {group!r} in optimizer.module_lr or training.freeze; "
+                              f"expected one of {', '.join(MODULE_GROUPS)}")
+    if recipe.optimizer.lr <= 0 or any(float(v) <= 0 for v in recipe.optimizer.module_lr.values()):
+        raise RecipeError("optimizer.lr and optimizer.module_lr values must be > 0")
+    if not 0 <= recipe.schedule.min_lr_ratio <= 1:
+        raise RecipeError(f"schedule.min_lr_ratio must be in [0, 1], got {recipe.schedule.min_lr_ratio}")
+    if recipe.training.device not in ("auto", "cpu") and not recipe.training.device.startswith("cuda"):
+        raise RecipeError(f"training.device is {recipe.training.device!r}; expected auto, cpu or cuda[:N]")
+
+
+def recipe_from_dict(raw: dict, base_dir: str | Path = ".", source: Path | None = None) -> TrainRecipe:
+    """Parse a recipe mapping; relative paths are resolved against `base_dir`."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe is a mapping of sections, got {type(raw).__name__}")
+    recipe = _section(TrainRecipe, raw, "", Path(base_dir).resolve(), skip=("source", "raw"))
+    recipe = dataclasses.replace(recipe, source=source, raw=raw)
+    module_lr = {}
+    for group, value in recipe.optimizer.module_lr.items():
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            module_lr[str(group)] = float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"optimizer.module_lr.{group} must be a number, got {value!r}") from None
+    recipe = dataclasses.replace(recipe, optimizer=dataclasses.replace(recipe.optimizer, module_lr=module_lr))
+    _check(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> TrainRecipe:
+    """Read and validate a YAML recipe."""
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - pyyaml is in the train extra
+        raise RecipeError("reading recipes needs PyYAML: pip install 'dsvl2[train]'") from exc
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
+    return recipe_from_dict(raw or {}, path.resolve().parent, source=path.resolve())
