@@ -1,0 +1,313 @@
+"""Benchmark the engine on a model with DeepSeek-VL2-Tiny's real dimensions and random bfloat16 weights.
+
+Measures time to first token (one 1-tile and one 9-tile image), prefill tokens/s, decode tokens/s
+at batch 1, 8 and 32, peak resident memory, KV-cache bytes per token, and decode speed as a
+fraction of the memory-bandwidth limit: the bytes of weights a decode step must read (attention,
+dense and shared layers, the lm_head, and the routed experts the batch actually selected, counted
+with hooks on the gates) plus the KV cache it reads, divided by a measured read bandwidth.
+Prints a table and writes benchmarks/results/generate.json.
+
+    python benchmarks/bench_generate.py [--quick] [--threads N] [--batches 1,8,32]
+
+The weights are random, so the text is meaningless; the tokenizer is the conformance fixtures'
+small BPE (the engine's speed does not depend on it). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dsvl2.config import load_json, model_config_from_dict, processor_config_from_dict
+from dsvl2.engine.generate import Engine, Request
+from dsvl2.engine.sampling import SamplingParams
+from dsvl2.engine.scheduler import Phase
+from dsvl2.language.moe import MoE
+from dsvl2.model import DeepseekVL2
+from dsvl2.processor import Processor
+from dsvl2.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DSVL2_SHARED_DIR", REPO.parent / "shared"))
+CONFIG = SHARED / "released_configs" / "deepseek-vl2-tiny.config.json"
+PROCESSOR_CONFIG = SHARED / "released_configs" / "deepseek-vl2-tiny.processor_config.json"
+TOKENIZER_DIR = Path(os.environ.get("DSVL2_CONFORMANCE_DIR", SHARED / "conformance")) / "tokenizer"
+TARGETS = {"ttft_1_tile_s": 22.0, "ttft_9_tiles_s": 150.0, "decode_bandwidth_fraction": 0.70}
+FLOAT32_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+@torch.no_grad()
+def random_model(dtype: torch.dtype, seed: int = 0) -> DeepseekVL2:
+    """The released tiny geometry, built on the meta device and materialised once in `dtype`.
+
+    Matrices are filled from one pool of normal(0, 0.02) values at random offsets: copying is
+    as fast as memory, drawing 3.4B random numbers is not. Routers get their own fresh values.
+    """
+    cfg = model_config_from_dict(load_json(CONFIG))
+    with torch.device("meta"):
+        model = DeepseekVL2(cfg)
+    model = model.to(dtype).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(2**24, generator=generator) * 0.02).to(dtype)
+    for name, param in model.named_parameters():
+        if name.endswith(FLOAT32_SUFFIXES):  # routers stay float32, as the checkpoint loader keeps them
+            param.data = torch.randn(param.shape, generator=generator) * 0.02
+            if name.endswith("e_score_correction_bias"):
+                param.zero_()
+        elif name.endswith(".bias"):
+            param.zero_()
+        elif param.dim() == 1 and "norm" in name:
+            param.fill_(1.0)
+        else:
+            fill_from_pool(param.view(-1), pool, generator)
+    return model.eval()
+
+
+def fill_from_pool(flat: torch.Tensor, pool: torch.Tensor, generator: torch.Generator) -> None:
+    done = 0
+    while done < flat.numel():
+        offset = int(torch.randint(0, pool.numel() // 2, (1,), generator=generator))
+        n = min(flat.numel() - done, pool.numel() - offset)
+        flat[done:done + n] = pool[offset:offset + n]
+        done += n
+
+
+def tiny_processor(context_length: int) -> Processor:
+    config = processor_config_from_dict(load_json(PROCESSOR_CONFIG))
+    tokenizer = Tokenizer.from_dir(TOKENIZER_DIR, pad_token=config.pad_token)
+    return Processor(config, tokenizer, context_length=context_length)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of the best of several full reads of a tensor much larger than any cache."""
+    data = torch.ones(int(gigabytes * 2**30) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+class ExpertCounter:
+    """Counts the distinct routed experts each MoE layer runs, per forward call."""
+
+    def __init__(self, model: DeepseekVL2) -> None:
+        self.per_call: list[int] = []
+        self.handles = [m.gate.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, MoE)]
+
+    def _hook(self, module: Any, inputs: Any, output: tuple) -> None:
+        self.per_call.append(int(output[1].unique().numel()))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def weight_bytes(model: DeepseekVL2) -> dict[str, int]:
+    """Language-model weight bytes a decode step reads: everything but the embedding table and the
+    routed experts once, plus each selected expert. Taken before the engine packs the weights."""
+    language = model.language
+    moe_layers = [layer.mlp for layer in language.model.layers if isinstance(layer.mlp, MoE)]
+    routed = sum(module_bytes(mlp.experts) for mlp in moe_layers)
+    return {
+        "always_read": module_bytes(language) - module_bytes(language.model.embed_tokens) - routed,
+        "one_expert": module_bytes(moe_layers[0].experts[0]) if moe_layers else 0,
+        "moe_layers": len(moe_layers),
+        "embedding_row": model.cfg.language.hidden_size * language.model.embed_tokens.weight.element_size(),
+    }
+
+
+def decode_step_bytes(sizes: dict[str, int], distinct_experts: float, batch: int, context: float,
+                      cache_bytes_per_token: int) -> float:
+    """Bytes one decode step must read: the always-read weights, each selected routed expert once,
+    the batch's KV cache and embedding rows."""
+    return (sizes["always_read"] + sizes["moe_layers"] * distinct_experts * sizes["one_expert"]
+            + batch * (context * cache_bytes_per_token + sizes["embedding_row"]))
+
+
+def measure_decode(model: DeepseekVL2, processor: Processor, sizes: dict[str, int], batch: int, steps: int,
+                   bandwidth: float, engine_kwargs: dict) -> dict[str, float]:
+    """Tokens/s of `steps` decode steps of `batch` sequences; sampled at temperature 1 (one seed each)
+    so the rows differ and route to different experts, as real requests do."""
+    prompt_words = "Write a long story about the sea, the wind and a lighthouse keeper, number"
+    engine = Engine(model, processor, max_batch=batch, max_len=64 + steps + 8, **engine_kwargs)
+    for i in range(batch):
+        params = SamplingParams(max_new_tokens=steps + 4, ignore_eos=True, temperature=1.0, seed=i)
+        engine.submit(Request([{"role": "user", "content": f"{prompt_words} {i}."}], [], params))
+    while engine.num_waiting or any(s.phase is Phase.PREFILL for s in engine.scheduler.running):
+        engine.step()
+    engine.step()  # warm-up decode step
+    counter = ExpertCounter(model)
+    contexts = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        contexts.append(sum(s.next_position + 1 for s in engine.scheduler.running) / batch)
+        engine.step()
+    elapsed = time.perf_counter() - start
+    counter.close()
+    while engine.has_work():
+        for seq in list(engine.scheduler.running):
+            engine.cancel(seq.request_id)
+        engine.step()
+    distinct = float(np.mean(counter.per_call))
+    step_bytes = decode_step_bytes(sizes, distinct, batch, float(np.mean(contexts)), engine.cache.bytes_per_token)
+    tokens_per_s = batch * steps / elapsed
+    limit = batch * bandwidth / step_bytes
+    return {"batch": batch, "tokens_per_s": tokens_per_s, "step_ms": elapsed / steps * 1000,
+            "distinct_experts_per_layer": distinct, "bytes_per_step": step_bytes,
+            "bandwidth_limit_tokens_per_s": limit, "bandwidth_fraction": tokens_per_s / limit}
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def measure_ttft(model: DeepseekVL2, processor: Processor, size: int, engine_kwargs: dict) -> dict[str, float]:
+    """Submit-to-first-token time of one image request on an idle engine, split into its parts."""
+    engine = Engine(model, processor, max_batch=1, max_len=2300, **engine_kwargs)
+    vision_time = [0.0]
+    original = model.image_embeddings
+
+    def timed_vision(tiles: torch.Tensor, crops: list) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return original(tiles, crops)
+        finally:
+            vision_time[0] += time.perf_counter() - start
+
+    model.image_embeddings = timed_vision  # type: ignore[method-assign]
+    try:
+        request = Request([{"role": "user", "content": "<image>\nDescribe this image."}],
+                          [synthetic_image(size, size, seed=size)], SamplingParams(max_new_tokens=2))
+        start = time.perf_counter()
+        engine.submit(request)
+        encoded = time.perf_counter()
+        first = None
+        while first is None:
+            events = engine.step()
+            if any(e.token_id is not None for e in events):
+                first = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+    finally:
+        del model.image_embeddings
+    sample = processor.encode(request.conversation, request.images)
+    prefill_s = first - encoded - vision_time[0]
+    tiles = int(sample.pixel_values.shape[0])
+    return {"image_px": size, "tiles": tiles, "prompt_tokens": len(sample), "ttft_s": first - start,
+            "processor_s": encoded - start, "vision_s": vision_time[0], "prefill_s": prefill_s,
+            "prefill_tokens_per_s": len(sample) / prefill_s}
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def timed_call(label: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    result = fn()
+    print(f"[{label}: {time.perf_counter() - start:.1f}s]", flush=True)
+    return result
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer decode steps, no 9-tile run (about 5 min)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--decode-steps", type=int, default=None)
+    parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--no-float32-compute", action="store_true",
+                        help="run prefill and vision in bfloat16 instead of upcasting per layer")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "generate.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.decode_steps or (8 if args.quick else 24)
+    engine_kwargs: dict[str, Any] = {}
+    if args.no_float32_compute:
+        engine_kwargs["float32_prefill"] = False
+
+    load_before = os.getloadavg()
+    bandwidth = timed_call("bandwidth", read_bandwidth)
+    model = timed_call("build model", lambda: random_model(torch.bfloat16))
+    params = sum(p.numel() for p in model.parameters())
+    sizes = weight_bytes(model)
+    processor = tiny_processor(model.cfg.language.max_position_embeddings)
+    results: dict[str, Any] = {
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "platform": platform.platform(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "loadavg_before": load_before},
+        "model": {"config": str(CONFIG), "parameters": params, "dtype": "bfloat16",
+                  "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                  "decode_weight_bytes": sizes},
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "targets": TARGETS,
+        "settings": {"quick": args.quick, "decode_steps": steps, **engine_kwargs},
+    }
+    with torch.inference_mode():
+        ttft = []
+        if not args.skip_ttft:
+            sides = [384] if args.quick else [384, 1152]
+            ttft = [timed_call(f"ttft {s}px", lambda s=s: measure_ttft(model, processor, s, engine_kwargs))
+                    for s in sides]
+        decode = [timed_call(f"decode batch {b}", lambda b=b: measure_decode(model, processor, sizes, b, steps,
+                                                                             bandwidth, engine_kwargs))
+                  for b in (int(x) for x in args.batches.split(","))]
+    engine = Engine(model, processor, max_batch=1, max_len=16)
+    results.update({
+        "ttft": ttft, "decode": decode, "cache_bytes_per_token": engine.cache.bytes_per_token,
+        "peak_rss_bytes": peak_rss_bytes(), "loadavg_after": os.getloadavg(),
+    })
+    print_table(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\nDeepSeek-VL2-Tiny geometry, {results['model']['parameters'] / 1e9:.2f}B parameters, bfloat16, "
+          f"{results['machine']['torch_threads']} threads, read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s")
+    for t in results["ttft"]:
+        print(f"  TTFT {t['tiles']:2d} tiles ({t['prompt_tokens']} tokens): {t['ttft_s']:7.1f} s  "
+              f"(processor {t['processor_s']:.2f} s, vision {t['vision_s']:.1f} s, prefill {t['prefill_s']:.1f} s "
+              f"= {t['prefill_tokens_per_s']:.0f} tok/s)")
+    for d in results["decode"]:
+        print(f"  decode batch {d['batch']:2d}: {d['tokens_per_s']:7.2f} tok/s  ({d['step_ms']:.0f} ms/step, "
+              f"{d['distinct_experts_per_layer']:.1f} experts/layer, {d['bytes_per_step'] / 1e9:.2f} GB/step, "
+              f"limit {d['bandwidth_limit_tokens_per_s']:.1f} tok/s, {100 * d['bandwidth_fraction']:.0f}% of it)")
+    print(f"  KV cache: {results['cache_bytes_per_token']} bytes/token; peak RSS "
+          f"{results['peak_rss_bytes'] / 2**30:.2f} GiB; load average {results['machine']['loadavg_before']} -> "
+          f"{results['loadavg_after']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

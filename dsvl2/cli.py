@@ -1,0 +1,398 @@
+"""The `dsvl2` command line: one subcommand per verb.
+
+A verb is a `Command(name, help, module)` entry whose module defines `add_arguments(parser)` and
+`run(args) -> int` (or a Command given those two functions directly); adding a verb is one line
+in `COMMANDS`. A name with a space ("data synth") becomes a nested subcommand. Modules are imported
+only when the parser is built, and a verb whose module does not exist (yet) is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from dsvl2.errors import InputError
+
+IMAGE_TAG = "<image>"
+
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # "generate", or "data synth" for a nested verb
+    help: str
+    module: str | None = None  # defines add_arguments(parser) and run(args) -> int
+    add_arguments: AddArguments | None = None  # given directly instead of `module`
+    run: Run | None = None
+
+
+def _load_verb(command: Command) -> tuple[AddArguments, Run] | None:
+    if command.add_arguments is not None and command.run is not None:
+        return command.add_arguments, command.run
+    if command.module is None:
+        raise ValueError(f"command {command.name!r} has neither a module nor add_arguments/run")
+    try:
+        module = importlib.import_module(command.module)
+    except ModuleNotFoundError as exc:
+        if exc.name and command.module.startswith(exc.name):  # the verb's own module is absent
+            return None
+        raise
+    return module.add_arguments, module.run
+
+
+def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsvl2", description="DeepSeek-VL2 in plain PyTorch")
+    verbs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, Any] = {}
+    for command in COMMANDS if commands is None else commands:
+        loaded = _load_verb(command)
+        if loaded is None:
+            continue
+        add_arguments, run = loaded
+        *group_names, leaf = command.name.split()
+        target = verbs
+        for group in group_names:
+            if group not in groups:
+                group_parser = verbs.add_parser(group, help=f"{group} commands")
+                groups[group] = group_parser.add_subparsers(dest=f"{group}_command", metavar="COMMAND",
+                                                            required=True)
+            target = groups[group]
+        sub = target.add_parser(leaf, help=command.help, description=command.help)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+# ------------------------------------------------------------------------------------------ shared
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint directory (config.json, model.safetensors, tokenizer files)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="context length in tokens (default: the model's max_position_embeddings)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> Any:
+    from dsvl2.engine.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+    )
+
+
+def resolve_model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    try:
+        from dsvl2.defaults import default_model_dir  # type: ignore[import-not-found]
+    except ModuleNotFoundError:
+        raise InputError("no --model given (and no default model is installed)") from None
+    return Path(default_model_dir())
+
+
+def load_engine(args: argparse.Namespace, max_batch: int = 1) -> Any:
+    import torch
+
+    from dsvl2.engine.generate import Engine
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model_dir = resolve_model_dir(args.model)
+    if not model_dir.is_dir():
+        raise InputError(f"model directory {model_dir} does not exist")
+    return Engine.from_pretrained(model_dir, dtype=getattr(torch, dtype_name), device=device, progress=True,
+                                  max_batch=max_batch, max_len=args.max_len)
+
+
+def with_image_tags(text: str, num_images: int) -> str:
+    """Put one `<image>` line per image before the text unless the text places its own tags."""
+    if IMAGE_TAG in text:
+        return text
+    return f"{IMAGE_TAG}\n" * num_images + text
+
+
+def _guarded_run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Turn expected failures (bad input, bad checkpoint) into a one-line message and exit code."""
+    from dsvl2.checkpoint import CheckpointError
+    from dsvl2.config import ConfigError
+
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--image", action="extend", nargs="+", default=[], metavar="FILE",
+                        help="image file(s), in the order of the prompt's <image> tags")
+    parser.add_argument("--system", default=None, help="system prompt")
+    add_sampling_arguments(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: text, token ids, finish reason, grounding boxes")
+    parser.add_argument("--boxes-out", type=Path, default=None,
+                        help="with grounding in the answer, save the first image with the boxes drawn")
+    parser.add_argument("prompt", nargs="?", help="the question; <image> tags place the images (default: first)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    return _guarded_run(_generate, args)
+
+
+def _split_prompt(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """`--image a.png b.png "prompt"`: the greedy --image list swallows the prompt; take it back."""
+    images = list(args.image)
+    prompt = args.prompt
+    if prompt is None and images and not Path(images[-1]).is_file():
+        prompt = images.pop()
+    if prompt is None:
+        raise InputError("no prompt given")
+    return prompt, images
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dsvl2.engine.generate import Request
+
+    prompt, images = _split_prompt(args)
+    sampling = sampling_from_args(args)
+    sampling.validate()
+    engine = load_engine(args)
+    conversation = [{"role": "system", "content": args.system}] if args.system else []
+    conversation.append({"role": "user", "content": with_image_tags(prompt, len(images))})
+    request = Request(conversation, images, sampling)
+    if args.json:
+        completion = engine.generate(request)
+    else:
+        completion = _stream_to(engine, request, sys.stdout)
+    if completion.finish_reason == "error":
+        print(f"error: {completion.error}", file=sys.stderr)
+        return 1
+    grounding = _grounding_summary(completion.text, images)
+    if args.boxes_out is not None:
+        _save_boxes(completion.text, images, args.boxes_out)
+    if args.json:
+        print(json.dumps({
+            "text": completion.text, "token_ids": completion.token_ids, "finish_reason": completion.finish_reason,
+            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            **grounding,
+        }, ensure_ascii=False))
+    return 0
+
+
+def _stream_to(engine: Any, request: Any, out: TextIO) -> Any:
+    """Print an answer as it is generated; returns its Completion."""
+    from dsvl2.engine.generate import Completion
+
+    completion = Completion("", [], "", 0, 0, request_id=request.request_id)
+    for event in engine.stream(request):
+        if event.text:
+            out.write(event.text)
+            out.flush()
+        completion.text += event.text
+        if event.token_id is not None:
+            completion.token_ids.append(event.token_id)
+        completion.prompt_tokens, completion.completion_tokens = event.prompt_tokens, event.completion_tokens
+        if event.finished:
+            completion.finish_reason, completion.error = event.finish_reason or "", event.error
+    out.write("\n")
+    out.flush()
+    return completion
+
+
+def _grounding_summary(text: str, images: list[str]) -> dict[str, Any]:
+    """Refs with their boxes on the 0..999 grid and, with an image, in pixels of the first image."""
+    from dsvl2.grounding import box_to_pixels, parse_grounding
+
+    parsed = parse_grounding(text)
+    size = _image_size(images[0]) if images else None
+    refs = []
+    for ref in parsed.refs:
+        entry: dict[str, Any] = {"label": ref.label, "boxes": [list(b) for b in ref.boxes]}
+        if size is not None:
+            entry["boxes_px"] = [[round(v, 1) for v in box_to_pixels(b, *size)] for b in ref.boxes]
+        refs.append(entry)
+    return {"grounding": refs, "grounding_errors": parsed.errors}
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from dsvl2.images import load_image
+
+    image = load_image(path)
+    return image.width, image.height
+
+
+def _save_boxes(text: str, images: list[str], out: Path) -> None:
+    from dsvl2.grounding import draw_boxes, parse_grounding
+    from dsvl2.images import load_image
+
+    refs = [ref for ref in parse_grounding(text).refs if ref.boxes]
+    if not images:
+        print("warning: --boxes-out needs an --image; nothing drawn", file=sys.stderr)
+        return
+    if not refs:
+        print("warning: the answer has no grounding boxes; nothing drawn", file=sys.stderr)
+        return
+    draw_boxes(load_image(images[0]), refs).save(out)
+    print(f"boxes drawn on {images[0]} saved to {out}", file=sys.stderr)
+
+
+# -------------------------------------------------------------------------------------------- chat
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--system", default=None, help="system prompt")
+    add_sampling_arguments(parser)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    return _guarded_run(_chat, args)
+
+
+CHAT_HELP = "commands: /image PATH (attach to the next message), /reset (new conversation), /quit"
+
+
+def _chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    from dsvl2.engine.generate import Request
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    sampling = sampling_from_args(args)
+    sampling.validate()
+    engine = load_engine(args)
+    interactive = stdin.isatty()
+    session = ChatSession(args.system)
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if session.command(line, stdout) == "quit":
+                return 0
+            continue
+        conversation, images = session.ask(line)
+        try:
+            completion = _stream_to(engine, Request(conversation, images, sampling), stdout)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            session.drop_last_question()
+            continue
+        if completion.finish_reason == "error":
+            print(f"error: {completion.error}", file=sys.stderr)
+            session.drop_last_question()
+            continue
+        session.answer(completion.text)
+
+
+class ChatSession:
+    """The conversation so far, and the images attached to the message being written."""
+
+    def __init__(self, system: str | None = None) -> None:
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list[str] = []  # every image of the conversation, in tag order
+        self.attached: list[str] = []  # images for the next user message
+        self._asked_images = 0
+
+    def command(self, line: str, out: TextIO) -> str | None:
+        verb, _, rest = line.partition(" ")
+        if verb in ("/quit", "/exit"):
+            return "quit"
+        if verb == "/reset":
+            self.reset()
+            print("(conversation cleared)", file=out)
+        elif verb == "/image":
+            path = rest.strip()
+            if not path:
+                print("error: /image needs a file path", file=sys.stderr)
+            elif not Path(path).is_file():
+                print(f"error: no such image file: {path}", file=sys.stderr)
+            else:
+                self.attached.append(path)
+                print(f"(attached {path})", file=out)
+        else:
+            print(f"error: unknown command {verb}; {CHAT_HELP}", file=sys.stderr)
+        return None
+
+    def ask(self, text: str) -> tuple[list[dict], list[str]]:
+        """Add a user message (with the attached images) and return the conversation to answer."""
+        self.messages.append({"role": "user", "content": with_image_tags(text, len(self.attached))})
+        self._asked_images = len(self.attached)
+        self.images += self.attached
+        self.attached = []
+        return list(self.messages), list(self.images)
+
+    def drop_last_question(self) -> None:
+        """Undo `ask` after a failure: the message goes, its images become attached again."""
+        self.messages.pop()
+        if self._asked_images:
+            self.attached = self.images[-self._asked_images:]
+            del self.images[-self._asked_images:]
+        self._asked_images = 0
+
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+        self._asked_images = 0
+
+
+COMMANDS: list[Command] = [
+    Command("generate", "answer one prompt about zero or more images",
+            add_arguments=add_generate_arguments, run=run_generate),
+    Command("chat", "multi-turn chat on the terminal (/image PATH, /reset, /quit)",
+            add_arguments=add_chat_arguments, run=run_chat),
+    Command("serve", "OpenAI-compatible HTTP server", "dsvl2.serve.cli"),
+    Command("train", "fine-tune or train from scratch", "dsvl2.train.trainer"),
+    Command("eval", "run the evaluation suites", "dsvl2.eval.runner"),
+    Command("data synth", "write a synthetic vision-language dataset", "dsvl2.train.synthetic"),
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

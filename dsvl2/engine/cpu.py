@@ -1,0 +1,159 @@
+"""Fast paths for 16-bit (bfloat16/float16) models on CPUs without native 16-bit matrix units.
+
+On such CPUs (AVX2 machines, most AMD parts) PyTorch multiplies bfloat16 matrices with slow
+generic loops: a few GB/s for one row (decode at batch 1) and far less for a handful of rows.
+Two remedies, both computing in float32 while the weights stay 16-bit in memory:
+
+- `pack_linear_layers`: the language model's linear layers become FBGEMM packed-float16 layers
+  (weights converted once, float32 activations and accumulation). bfloat16 -> float16 is exact
+  for every weight between 6e-5 and 65504 in magnitude, so this is the bfloat16 model computed
+  in float32. Used for decoding and prefill.
+- `Float32Compute`: a torch-function mode that runs linear layers, convolutions and attention
+  on 16-bit inputs in float32, upcasting each weight as it is used; for compute-bound work on
+  layers that were not packed (the vision tower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class Float32Compute(TorchFunctionMode):
+    """Within this mode, F.linear, F.conv2d and attention on 16-bit inputs compute in float32 and
+    cast the result back, so the model sees the dtype it expects."""
+
+    UPCAST = frozenset({F.linear, F.conv2d, F.scaled_dot_product_attention})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.UPCAST and args and getattr(args[0], "dtype", None) in HALF_DTYPES:
+            dtype = args[0].dtype
+            args = tuple(_upcast(a) for a in args)
+            kwargs = {k: _upcast(v) for k, v in kwargs.items()}
+            return func(*args, **kwargs).to(dtype)
+        return func(*args, **kwargs)
+
+
+def _upcast(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
+        return value.float()
+    return value
+
+
+def float32_compute(enabled: bool) -> Any:
+    """A context running 16-bit matrix work in float32 when `enabled` (see Float32Compute)."""
+    return Float32Compute() if enabled else nullcontext()
+
+
+def is_half_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in HALF_DTYPES
+
+
+def fbgemm_fp16_available() -> bool:
+    try:
+        torch.ops.quantized.linear_prepack_fp16(torch.zeros(8, 8), None)
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+class PackedFp16Linear(nn.Module):
+    """A linear layer with FBGEMM packed float16 weights; float32 compute, output in `out_dtype`."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = linear.weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        out = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (float16-rounded) weight, unpacked: slow, for code that reads weights directly."""
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)[0].to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed float16"
+
+
+class PackedFp16MLP(nn.Module):
+    """DeepSeek's SwiGLU MLP with gate and up projections packed as one float16 matrix; the whole
+    block computes in float32 and returns `x`'s dtype."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.hidden = mlp.gate_proj.in_features
+        self.intermediate = mlp.gate_proj.out_features
+        gate_up = torch.cat([mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float()])
+        self.gate_up = torch.ops.quantized.linear_prepack_fp16(gate_up, None)
+        self.down = torch.ops.quantized.linear_prepack_fp16(mlp.down_proj.weight.detach().float(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.hidden).float()
+        gate, up = torch.ops.quantized.linear_dynamic_fp16(flat, self.gate_up).split(self.intermediate, dim=-1)
+        out = torch.ops.quantized.linear_dynamic_fp16(F.silu(gate) * up, self.down)
+        return out.view(x.shape).to(x.dtype)
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    names = {name for name, _ in module.named_children()}
+    return names == {"gate_proj", "up_proj", "down_proj"} and all(
+        type(getattr(module, n)) is nn.Linear and getattr(module, n).bias is None for n in names
+    )
+
+
+def pack_linear_layers(module: nn.Module, skip: tuple[str, ...] = ("kv_b_proj",)) -> int:
+    """Replace, in place, the 16-bit SwiGLU MLPs under `module` by PackedFp16MLP and the other 16-bit
+    nn.Linear layers (except those named in `skip`, whose weights are read directly, e.g. by absorbed
+    MLA) by PackedFp16Linear; returns the number of modules replaced.
+
+    Layer by layer, handing the freed 16-bit weights back to the system as it goes, so memory peaks
+    near the model's size rather than at twice it."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if _is_swiglu_mlp(child) and child.gate_proj.weight.dtype in HALF_DTYPES:
+            setattr(module, name, PackedFp16MLP(child))
+            count += 1
+        elif type(child) is nn.Linear and name not in skip and child.weight.dtype in HALF_DTYPES:
+            setattr(module, name, PackedFp16Linear(child))
+            count += 1
+        else:
+            packed = pack_linear_layers(child, skip)
+            if packed >= 8:  # a decoder layer or an expert list: worth a trim
+                release_free_memory()
+            count += packed
+        del child
+    return count
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the system; glibc otherwise keeps the blocks of freed tensors."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()

@@ -1,0 +1,446 @@
+"""The inference engine: requests in, streamed tokens out, many requests batched together.
+
+`Engine.step()` is one scheduler iteration: cancelled requests leave, waiting requests take free
+KV-cache slots, up to `prefill_chunk` prompt tokens are prefilled, then every sequence with a
+sampled token decodes together in one `decode_step` (each row at its own position, no padding).
+Images are encoded by the vision tower once per distinct image (an LRU keyed by the digest of
+the image's tiles), so a picture shared by several turns or requests costs one encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsvl2.engine.cache import KVCache
+from dsvl2.engine.cpu import fbgemm_fp16_available, float32_compute, is_half_on_cpu, pack_linear_layers
+from dsvl2.engine.sampling import SamplingParams, StopStringFilter, make_generator, sample_next
+from dsvl2.engine.scheduler import Phase, Scheduler, Sequence, contiguous_range
+from dsvl2.errors import InputError, PromptTooLongError
+from dsvl2.model import merge_image_embeddings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    conversation: list[dict]  # [{"role": "user"|"assistant"|"system", "content": "... <image> ..."}]
+    images: list = field(default_factory=list)  # PIL images, bytes or paths, in <image> order
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""  # filled with a uuid when empty
+
+
+@dataclass
+class TokenEvent:
+    """One per generated token, and a final one (token_id None) that carries the finish reason."""
+
+    request_id: str
+    text: str  # newly completed text (never half a UTF-8 char, stop text removed)
+    token_id: int | None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0  # image tokens included
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+    request_id: str = ""
+
+
+class ImageEmbeddingCache:
+    """LRU of per-image token embeddings [n_tokens, D], keyed by (tile digest, tile grid)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        prefill_chunk: int = 512,
+        image_cache_size: int = 64,
+        compile: bool = False,
+        float32_prefill: bool | None = None,
+        pack_weights: bool | None = None,
+    ) -> None:
+        """CPU options for bfloat16/float16 models (None: on for such a model on a CPU; see dsvl2.engine.cpu):
+        `float32_prefill` runs vision and prefill in float32, upcasting weights layer by layer;
+        `pack_weights` replaces the language model's linear layers, in place, by FBGEMM packed float16
+        layers (float32 compute, 16-bit weights) for fast decoding."""
+        self._model = model.eval()
+        self._processor = processor
+        lang = model.cfg.language
+        self.max_len = int(max_len or lang.max_position_embeddings)
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        param = next(model.language.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = KVCache(lang, max_batch, self.max_len, dtype=self.dtype, device=self.device)
+        self.scheduler = Scheduler(max_batch, prefill_chunk)
+        self.image_cache = ImageEmbeddingCache(image_cache_size)
+        half_on_cpu = is_half_on_cpu(self.device, self.dtype)
+        self.float32_prefill = half_on_cpu if float32_prefill is None else float32_prefill
+        if pack_weights is None:
+            pack_weights = half_on_cpu and fbgemm_fp16_available()
+        self.packed_layers = pack_linear_layers(model.language) if pack_weights else 0
+        self._decode_fn = self._compiled_decode() if compile else model.decode_step
+        self.stats = {"vision_calls": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+        **kwargs: Any,
+    ) -> Engine:
+        """Load weights and processor from a checkpoint directory. Defaults: CUDA in bfloat16 when
+        available, else CPU in float32."""
+        from dsvl2.checkpoint import load_model
+        from dsvl2.processor import Processor
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = load_model(model_dir, dtype=dtype, device=device, progress=progress)
+        return cls(model, Processor.from_pretrained(model_dir), **kwargs)
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def processor(self) -> Any:
+        return self._processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._processor.tokenizer
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def validate(self, request: Request) -> None:
+        """Raise an InputError subclass for a request that cannot run (bad sampling values, bad image,
+        tag/image count mismatch, prompt too long)."""
+        self._encode(request)
+
+    def _encode(self, request: Request) -> Any:
+        if not isinstance(request.sampling, SamplingParams):
+            raise InputError(f"sampling must be a SamplingParams, got {type(request.sampling).__name__}")
+        request.sampling.validate()
+        sample = self._processor.encode(request.conversation, list(request.images or []), inference=True)
+        if len(sample) >= self.max_len:
+            raise PromptTooLongError(
+                f"the prompt is {len(sample)} tokens long (image tokens included); the engine's context "
+                f"is {self.max_len} tokens and at least one must be left for the answer"
+            )
+        return sample
+
+    def submit(self, request: Request) -> str:
+        """Validate and queue a request; returns its id. Safe to call from any thread."""
+        sample = self._encode(request)
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        params = request.sampling
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.add(self.tokenizer.eos_id)
+        needs_generator = not params.greedy
+        seq = Sequence(
+            request_id=request.request_id,
+            sample=sample,
+            sampling=params,
+            stop_ids=frozenset(stop_ids),
+            generator=make_generator(params.seed, self.device) if needs_generator else None,
+            decoder=self.tokenizer.stream_decoder(),
+            stop_filter=StopStringFilter(params.stop),
+        )
+        try:
+            self.scheduler.add(seq)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        return request.request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its final event (finish_reason "cancelled") comes from the next step."""
+        self.scheduler.cancel(request_id)
+
+    # -- stepping -------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """One scheduler iteration; returns the events it produced, in order."""
+        events: list[TokenEvent] = []
+        with torch.inference_mode():
+            for seq in self.scheduler.take_cancelled():
+                events.append(self._final_event(seq, "cancelled"))
+            self.scheduler.admit()
+            for seq, start, stop in self.scheduler.prefill_plan():
+                events += self._guarded(seq, self._prefill, seq, start, stop)
+            batch = self.scheduler.decode_batch()
+            if batch:
+                events += self._decode(batch)
+        return events
+
+    def _guarded(self, seq: Sequence, fn: Any, *args: Any) -> list[TokenEvent]:
+        """Run one sequence's work; an exception finishes that sequence alone with "error"."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - any failure must end the request, not the engine
+            logger.exception("request %s failed", seq.request_id)
+            return [self._fail(seq, exc)]
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> TokenEvent:
+        message = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        return self._final_event(seq, "error", error=message)
+
+    def _prefill(self, seq: Sequence, start: int, stop: int) -> list[TokenEvent]:
+        with float32_compute(self.float32_prefill):
+            if seq.prompt_embeds is None:
+                seq.prompt_embeds = self._prompt_embeddings(seq.sample)
+            embeds = seq.prompt_embeds[start:stop][None]
+            positions = torch.arange(start, stop, device=self.device)[None]
+            slots = torch.tensor([seq.slot], device=self.device)
+            with self.cache.slot_range(seq.slot, seq.slot + 1):
+                logits = self._model.decode_step(embeds, positions, self.cache, slots, absorbed=False)
+        seq.prefilled = stop
+        self.stats["prefill_tokens"] += stop - start
+        if stop < seq.prompt_len:
+            return []
+        seq.prompt_embeds = None
+        seq.phase = Phase.DECODE
+        token = sample_next(logits[:, -1], [seq.sampling], [seq.generator], [self._history(seq)])[0]
+        seq.first_token_time = time.monotonic()
+        return self._accept(seq, token)
+
+    def _decode(self, batch: list[Sequence]) -> list[TokenEvent]:
+        tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
+        positions = torch.tensor([[s.next_position] for s in batch], device=self.device)
+        slots_list = [s.slot for s in batch]
+        slots = torch.tensor(slots_list, device=self.device)
+        embeds = self._model.language.model.embed_tokens(tokens)
+        span = contiguous_range(slots_list)
+        try:
+            if span is not None:
+                with self.cache.slot_range(*span):
+                    logits = self._decode_fn(embeds, positions, self.cache, slots)
+            else:
+                logits = self._decode_fn(embeds, positions, self.cache, slots)
+        except Exception as exc:  # noqa: BLE001 - a failed batch ends its requests, not the engine
+            logger.exception("decode step failed")
+            return [self._fail(seq, exc) for seq in batch]
+        self.stats["decode_steps"] += 1
+        params = [s.sampling for s in batch]
+        generators = [s.generator for s in batch]
+        histories = [self._history(s) if s.sampling.repetition_penalty != 1.0 else None for s in batch]
+        next_tokens = sample_next(logits[:, -1], params, generators, histories)
+        events: list[TokenEvent] = []
+        for seq, token in zip(batch, next_tokens, strict=True):
+            events += self._guarded(seq, self._accept, seq, token)
+        return events
+
+    @staticmethod
+    def _history(seq: Sequence) -> list[int] | None:
+        if seq.sampling.repetition_penalty == 1.0:
+            return None
+        return seq.prompt_ids + seq.output_ids
+
+    def _accept(self, seq: Sequence, token: int) -> list[TokenEvent]:
+        """Record a sampled token; the token's event, then the final event if it ended the sequence."""
+        seq.output_ids.append(token)
+        reason = None
+        text = ""
+        if token in seq.stop_ids:
+            reason = "stop"
+        else:
+            text, hit_stop = seq.stop_filter.push(seq.decoder.push(token))
+            reason = "stop" if hit_stop else None
+        if reason is None and (
+            len(seq.output_ids) >= seq.sampling.max_new_tokens or seq.prompt_len + len(seq.output_ids) >= self.max_len
+        ):
+            reason = "length"
+        seq.text += text
+        events = [self._event(seq, text, token)]
+        if reason is not None:
+            events.append(self._final_event(seq, reason))
+        return events
+
+    def _event(self, seq: Sequence, text: str, token: int | None, **kw: Any) -> TokenEvent:
+        return TokenEvent(seq.request_id, text, token, prompt_tokens=seq.prompt_len,
+                          completion_tokens=len(seq.output_ids), **kw)
+
+    def _final_event(self, seq: Sequence, reason: str, error: str | None = None) -> TokenEvent:
+        """Free the sequence's slot and release the text still held back (unless a stop string ended it)."""
+        self.scheduler.release(seq)
+        text = ""
+        if reason in ("stop", "length") and not seq.stop_filter.stopped:
+            text, _ = seq.stop_filter.push(seq.decoder.flush())
+            text += seq.stop_filter.flush()
+        seq.text += text
+        seq.finish_reason, seq.error = reason, error
+        return self._event(seq, text, None, finished=True, finish_reason=reason, error=error)
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def _prompt_embeddings(self, sample: Any) -> torch.Tensor:
+        """Prompt embeddings [T, D] with each image's features at its image-token positions."""
+        input_ids = sample.input_ids.to(self.device)[None]
+        embeds = self._model.language.model.embed_tokens(input_ids)
+        features = self._image_features(sample)
+        if features:
+            mask = sample.images_seq_mask.to(self.device)[None]
+            embeds = merge_image_embeddings(embeds, mask, torch.cat(features))
+        return embeds[0]
+
+    def _image_features(self, sample: Any) -> list[torch.Tensor]:
+        """Per image, its token embeddings: from the cache, or one vision call for all the missing ones."""
+        crops = [(int(w), int(h)) for w, h in sample.images_spatial_crop.tolist() if w and h]
+        if not crops:
+            return []
+        digests = list(sample.image_digests) or [None] * len(crops)
+        starts = [0]
+        for w, h in crops:
+            starts.append(starts[-1] + 1 + w * h)
+        keys = [(digest, w, h) if digest else None for digest, (w, h) in zip(digests, crops, strict=True)]
+        found = [self.image_cache.get(key) if key else None for key in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
+        if missing:
+            tiles = torch.cat([sample.pixel_values[starts[i]:starts[i + 1]] for i in missing])
+            encoded = self._model.image_embeddings(tiles.to(self.device), [crops[i] for i in missing])
+            self.stats["vision_calls"] += 1
+            self.stats["images_encoded"] += len(missing)
+            for i, value in zip(missing, encoded, strict=True):
+                found[i] = value
+                if keys[i]:
+                    self.image_cache.put(keys[i], value)
+        return found
+
+    # -- compile --------------------------------------------------------------------------------
+
+    def _compiled_decode(self) -> Any:
+        """torch.compile'd decode step (GPU only); any failure falls back to the eager step."""
+        eager = self._model.decode_step
+        if self.device.type != "cuda":
+            logger.warning("compile=True is only used on CUDA; decoding eagerly on %s", self.device)
+            return eager
+        compiled = torch.compile(eager, dynamic=True)
+        state = {"fn": compiled}
+
+        def decode(*args: Any, **kwargs: Any) -> torch.Tensor:
+            try:
+                return state["fn"](*args, **kwargs)
+            except Exception:  # noqa: BLE001 - compilation problems must not stop serving
+                if state["fn"] is eager:
+                    raise
+                logger.exception("compiled decode failed; falling back to eager decoding")
+                state["fn"] = eager
+                return eager(*args, **kwargs)
+
+        return decode
+
+    # -- blocking helpers -----------------------------------------------------------------------
+
+    def stream(self, request: Request) -> Iterator[TokenEvent]:
+        """Submit and step until this request finishes, yielding its events. Raises InputError for an
+        invalid request. Drives `step()` itself: not for use beside a background stepping thread."""
+        request_id = self.submit(request)
+        try:
+            while True:
+                for event in self.step():
+                    if event.request_id == request_id:
+                        yield event
+                        if event.finished:
+                            return
+        finally:
+            if self.scheduler.is_active(request_id):  # the consumer stopped early
+                self.cancel(request_id)
+                self.step()
+
+    def generate(self, request: Request) -> Completion:
+        """Run one request to completion (raises InputError for an invalid request)."""
+        return self.generate_batch([request], raise_invalid=True)[0]
+
+    def generate_batch(self, requests: list[Request], raise_invalid: bool = False) -> list[Completion]:
+        """Run requests together; an invalid one gets a Completion with finish_reason "error"."""
+        completions: dict[str, Completion] = {}
+        ids: list[str] = []
+        for request in requests:
+            try:
+                ids.append(self.submit(request))
+            except InputError as exc:
+                if raise_invalid:
+                    raise
+                request_id = request.request_id or uuid.uuid4().hex
+                ids.append(request_id)
+                completions[request_id] = Completion("", [], "error", 0, 0, error=str(exc), request_id=request_id)
+        pending = {i: Completion("", [], "", 0, 0, request_id=i) for i in ids if i not in completions}
+        while pending:
+            for event in self.step():
+                partial = pending.get(event.request_id)
+                if partial is None:
+                    continue
+                partial.text += event.text
+                if event.token_id is not None:
+                    partial.token_ids.append(event.token_id)
+                partial.prompt_tokens, partial.completion_tokens = event.prompt_tokens, event.completion_tokens
+                if event.finished:
+                    partial.finish_reason, partial.error = event.finish_reason or "", event.error
+                    completions[event.request_id] = pending.pop(event.request_id)
+        return [completions[i] for i in ids]
