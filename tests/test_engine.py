@@ -360,21 +360,27 @@ def test_cancel_a_waiting_request() -> None:
     assert [e.finish_reason for e in events if e.finished and e.request_id == first] == ["length"]
 
 
+def count_tiles(monkeypatch, engine: Engine) -> list[int]:
+    """Record the number of tiles of every vision-tower call."""
+    calls: list[int] = []
+    original = engine.model.encode_tiles
+
+    def counting(tiles):
+        calls.append(tiles.shape[0])
+        return original(tiles)
+
+    monkeypatch.setattr(engine.model, "encode_tiles", counting)
+    return calls
+
+
 def test_image_cache_encodes_an_image_once_across_requests(monkeypatch) -> None:
     variant = VARIANTS[0]
     engine = make_engine(variant)
-    calls = []
-    original = engine.model.image_embeddings
-
-    def counting(tiles, crops):
-        calls.append(len(crops))
-        return original(tiles, crops)
-
-    monkeypatch.setattr(engine.model, "image_embeddings", counting)
+    calls = count_tiles(monkeypatch, engine)
     first = engine.generate(case_request("one_square"))
     second = engine.generate(case_request("unicode"))  # same image, other question
     both = engine.generate_batch([case_request("system_turn"), case_request("one_square")])
-    assert calls == [1]
+    assert calls == [2]  # the global view and the single local tile, once
     assert first.token_ids == expected_tokens(variant, "one_square")
     assert second.token_ids == expected_tokens(variant, "unicode")
     assert [c.token_ids for c in both] == [expected_tokens(variant, c) for c in ("system_turn", "one_square")]
@@ -382,12 +388,26 @@ def test_image_cache_encodes_an_image_once_across_requests(monkeypatch) -> None:
 
 def test_image_cache_evicts_the_least_recently_used(monkeypatch) -> None:
     engine = make_engine(VARIANTS[0], image_cache_size=1)
-    calls = []
-    original = engine.model.image_embeddings
-    monkeypatch.setattr(engine.model, "image_embeddings", lambda t, c: calls.append(c) or original(t, c))
+    calls = count_tiles(monkeypatch, engine)
     for case in ("one_square", "one_square", "one_tiny", "one_square"):
         engine.generate(case_request(case, SamplingParams(max_new_tokens=1)))
     assert len(calls) == 3
+
+
+def test_large_images_are_encoded_a_few_tiles_per_step(monkeypatch) -> None:
+    """A 10-tile image takes ten steps of one tile, while a running request keeps decoding."""
+    variant = VARIANTS[0]
+    engine = make_engine(variant, vision_tiles_per_step=1)
+    calls = count_tiles(monkeypatch, engine)
+    chatty = engine.submit(case_request("text_only", SamplingParams(max_new_tokens=40, ignore_eos=True)))
+    engine.step()
+    large = engine.submit(case_request("one_large"))
+    per_step = [engine.step() for _ in range(10)]
+    assert calls == [1] * 10
+    assert all(any(e.request_id == chatty and e.token_id is not None for e in events) for events in per_step)
+    events = [e for step in per_step for e in step] + run_until_done(engine)
+    tokens = [e.token_id for e in events if e.request_id == large and e.token_id is not None]
+    assert tokens == expected_tokens(variant, "one_large")
 
 
 def test_invalid_requests_are_rejected_before_queueing() -> None:
@@ -413,10 +433,10 @@ def test_a_failure_during_prefill_fails_only_that_request(monkeypatch) -> None:
     variant = VARIANTS[0]
     engine = make_engine(variant)
 
-    def broken_vision(tiles, crops):
+    def broken_vision(tiles):
         raise RuntimeError("vision tower exploded")
 
-    monkeypatch.setattr(engine.model, "image_embeddings", broken_vision)
+    monkeypatch.setattr(engine.model, "encode_tiles", broken_vision)
     failed, fine = engine.generate_batch([case_request("one_square"), case_request("text_only")])
     assert failed.finish_reason == "error" and "vision tower exploded" in failed.error
     assert fine.finish_reason == "length" and fine.token_ids == expected_tokens(variant, "text_only")

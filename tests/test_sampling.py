@@ -9,6 +9,7 @@ from dsvl2.engine.sampling import (
     SamplingParams,
     StopStringFilter,
     apply_repetition_penalty,
+    draw_from,
     filter_top_k_top_p,
     make_generator,
     sample_next,
@@ -126,3 +127,11 @@ def test_text_held_for_a_stop_prefix_is_released_when_it_diverges_or_ends() -> N
 def test_earliest_of_several_stop_strings_wins() -> None:
     out, stopped = feed(("world", "lo"), ["hello world"])
     assert stopped and "".join(out) == "hel"
+
+
+def test_draw_never_picks_a_zero_probability_token() -> None:
+    probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
+    generator = make_generator(3)
+    counts = torch.bincount(torch.tensor([draw_from(probs, generator) for _ in range(4000)]), minlength=5)
+    assert counts[[0, 2, 4]].tolist() == [0, 0, 0]
+    assert abs(counts[3].item() / 4000 - 0.75) < 0.03

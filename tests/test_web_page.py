@@ -40,8 +40,8 @@ SPAN = f"<|ref|>the square<|/ref|><|det|>[[{', '.join(map(str, GRID_BOX))}]]<|/d
 class GroundingEngine:
     """The real engine, with SPAN streamed in front of each answer a few characters per step.
 
-    Answers run to max_tokens, one step per `delay_s`. (The random model's own tokens are mostly
-    invalid UTF-8 bytes, which the decoder holds back to the end, so they would not show streaming.)
+    Answers run to max_tokens, one step per `delay_s`; the model's own text is dropped while the
+    span is being sent.
     """
 
     PIECE = 8  # characters of SPAN per event
@@ -70,7 +70,9 @@ class GroundingEngine:
                 self._forced.pop(event.request_id, None)
             else:
                 self._forced[event.request_id] = forced[len(piece):]
-            events[index] = dataclasses.replace(event, text=piece + event.text)
+            # The model's own text waits until the span is out, so it cannot split the span's tags.
+            text = piece + (event.text if not forced or event.finished else "")
+            events[index] = dataclasses.replace(event, text=text)
         return events
 
 

@@ -4,7 +4,11 @@
 KV-cache slots, up to `prefill_chunk` prompt tokens are prefilled, then every sequence with a
 sampled token decodes together in one `decode_step` (each row at its own position, no padding).
 Images are encoded by the vision tower once per distinct image (an LRU keyed by the digest of
-the image's tiles), so a picture shared by several turns or requests costs one encoding.
+the image's tiles), so a picture shared by several turns or requests costs one encoding, and a
+few tiles per step, so a large image does not stall the requests already decoding.
+
+`submit` and `cancel` may be called from any thread; `step` belongs to one thread (a server's
+loop). `stream`, `generate` and `generate_batch` drive `step` themselves, for scripts and the CLI.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dsvl2.engine.sampling import SamplingParams, StopStringFilter, make_generat
 from dsvl2.engine.scheduler import Phase, Scheduler, Sequence, contiguous_range
 from dsvl2.errors import InputError, PromptTooLongError
 from dsvl2.model import merge_image_embeddings
+from dsvl2.projector import layout_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +98,54 @@ class ImageEmbeddingCache:
         return len(self._entries)
 
 
+class ImageEncoding:
+    """A prompt's images on their way through the vision tower, a few tiles per engine step.
+
+    Images found in the engine's cache (same tile digest and grid) are not encoded again; the
+    missing ones are encoded tile by tile in order, and each image is laid out into its token
+    sequence (and cached) as soon as its last tile is done.
+    """
+
+    def __init__(self, sample: Any) -> None:
+        crops = [(int(w), int(h)) for w, h in sample.images_spatial_crop.tolist() if w and h]
+        digests = list(sample.image_digests) or [None] * len(crops)
+        self.pixels = sample.pixel_values
+        self.crops = crops
+        self.starts = [0]
+        for w, h in crops:
+            self.starts.append(self.starts[-1] + 1 + w * h)
+        self.keys = [(digest, w, h) if digest else None for digest, (w, h) in zip(digests, crops, strict=True)]
+        self.features: list[torch.Tensor | None] = [None] * len(crops)
+        self.done_tiles: dict[int, list[torch.Tensor]] = {}  # image -> projected tiles encoded so far
+
+    def advance(self, engine: Engine, tile_budget: int) -> bool:
+        """Encode up to `tile_budget` missing tiles (one vision call); True once every image is ready."""
+        for i, key in enumerate(self.keys):
+            if self.features[i] is None and key is not None:
+                self.features[i] = engine.image_cache.get(key)  # another request may have encoded it
+        wanted = [(i, t) for i, value in enumerate(self.features) if value is None
+                  for t in range(self.starts[i] + self._encoded(i), self.starts[i + 1])][:tile_budget]
+        if wanted:
+            encoded = engine.encode_tiles(self.pixels[[t for _, t in wanted]])
+            for (i, _), tile in zip(wanted, encoded, strict=True):
+                self.done_tiles.setdefault(i, []).append(tile)
+            for i in sorted({i for i, _ in wanted}):
+                if self._encoded(i) == self.starts[i + 1] - self.starts[i]:
+                    self._finish(engine, i)
+        return all(value is not None for value in self.features)
+
+    def _encoded(self, image: int) -> int:
+        return len(self.done_tiles.get(image, []))
+
+    def _finish(self, engine: Engine, image: int) -> None:
+        width_tiles, height_tiles = self.crops[image]
+        tiles = torch.stack(self.done_tiles.pop(image))
+        self.features[image] = engine.layout_image(tiles, width_tiles, height_tiles)
+        engine.stats["images_encoded"] += 1
+        if self.keys[image] is not None:
+            engine.image_cache.put(self.keys[image], self.features[image])
+
+
 class Engine:
     def __init__(
         self,
@@ -103,11 +156,13 @@ class Engine:
         max_len: int | None = None,
         prefill_chunk: int = 512,
         image_cache_size: int = 64,
+        vision_tiles_per_step: int | None = None,
         compile: bool = False,
         float32_prefill: bool | None = None,
         pack_weights: bool | None = None,
     ) -> None:
-        """CPU options for bfloat16/float16 models (None: on for such a model on a CPU; see dsvl2.engine.cpu):
+        """`vision_tiles_per_step`: image tiles encoded per step (default 2 on CPU, 32 on GPU).
+        CPU options for bfloat16/float16 models (None: on for such a model on a CPU; see dsvl2.engine.cpu):
         `float32_prefill` runs vision and prefill in float32, upcasting weights layer by layer;
         `pack_weights` replaces the language model's linear layers, in place, by FBGEMM packed float16
         layers (float32 compute, 16-bit weights) for fast decoding."""
@@ -122,6 +177,9 @@ class Engine:
         self.cache = KVCache(lang, max_batch, self.max_len, dtype=self.dtype, device=self.device)
         self.scheduler = Scheduler(max_batch, prefill_chunk)
         self.image_cache = ImageEmbeddingCache(image_cache_size)
+        # A step encodes at most this many image tiles, so one large image does not stall every other
+        # request for the whole vision pass (seconds per tile on a CPU, milliseconds on a GPU).
+        self.vision_tiles_per_step = vision_tiles_per_step or (2 if self.device.type == "cpu" else 32)
         half_on_cpu = is_half_on_cpu(self.device, self.dtype)
         self.float32_prefill = half_on_cpu if float32_prefill is None else float32_prefill
         if pack_weights is None:
@@ -186,7 +244,9 @@ class Engine:
         if not isinstance(request.sampling, SamplingParams):
             raise InputError(f"sampling must be a SamplingParams, got {type(request.sampling).__name__}")
         request.sampling.validate()
-        sample = self._processor.encode(request.conversation, list(request.images or []), inference=True)
+        # No images on the request: the processor takes each message's own "images" list, if any.
+        images = list(request.images) if request.images else None
+        sample = self._processor.encode(request.conversation, images, inference=True)
         if len(sample) >= self.max_len:
             raise PromptTooLongError(
                 f"the prompt is {len(sample)} tokens long (image tokens included); the engine's context "
@@ -254,7 +314,9 @@ class Engine:
     def _prefill(self, seq: Sequence, start: int, stop: int) -> list[TokenEvent]:
         with float32_compute(self.float32_prefill):
             if seq.prompt_embeds is None:
-                seq.prompt_embeds = self._prompt_embeddings(seq.sample)
+                seq.prompt_embeds = self._prompt_embeddings(seq)
+                if seq.prompt_embeds is None:
+                    return []  # images still encoding; the prompt's tokens wait for the next step
             embeds = seq.prompt_embeds[start:stop][None]
             positions = torch.arange(start, stop, device=self.device)[None]
             slots = torch.tensor([seq.slot], device=self.device)
@@ -339,38 +401,31 @@ class Engine:
 
     # -- images ---------------------------------------------------------------------------------
 
-    def _prompt_embeddings(self, sample: Any) -> torch.Tensor:
-        """Prompt embeddings [T, D] with each image's features at its image-token positions."""
-        input_ids = sample.input_ids.to(self.device)[None]
+    def _prompt_embeddings(self, seq: Sequence) -> torch.Tensor | None:
+        """Prompt embeddings [T, D] with each image's features at its image tokens, or None while
+        the images are still being encoded (at most `vision_tiles_per_step` tiles per step)."""
+        if seq.images is None:
+            seq.images = ImageEncoding(seq.sample)
+        if not seq.images.advance(self, self.vision_tiles_per_step):
+            return None
+        input_ids = seq.sample.input_ids.to(self.device)[None]
         embeds = self._model.language.model.embed_tokens(input_ids)
-        features = self._image_features(sample)
+        features = seq.images.features
         if features:
-            mask = sample.images_seq_mask.to(self.device)[None]
+            mask = seq.sample.images_seq_mask.to(self.device)[None]
             embeds = merge_image_embeddings(embeds, mask, torch.cat(features))
+        seq.images = None
         return embeds[0]
 
-    def _image_features(self, sample: Any) -> list[torch.Tensor]:
-        """Per image, its token embeddings: from the cache, or one vision call for all the missing ones."""
-        crops = [(int(w), int(h)) for w, h in sample.images_spatial_crop.tolist() if w and h]
-        if not crops:
-            return []
-        digests = list(sample.image_digests) or [None] * len(crops)
-        starts = [0]
-        for w, h in crops:
-            starts.append(starts[-1] + 1 + w * h)
-        keys = [(digest, w, h) if digest else None for digest, (w, h) in zip(digests, crops, strict=True)]
-        found = [self.image_cache.get(key) if key else None for key in keys]
-        missing = [i for i, value in enumerate(found) if value is None]
-        if missing:
-            tiles = torch.cat([sample.pixel_values[starts[i]:starts[i + 1]] for i in missing])
-            encoded = self._model.image_embeddings(tiles.to(self.device), [crops[i] for i in missing])
-            self.stats["vision_calls"] += 1
-            self.stats["images_encoded"] += len(missing)
-            for i, value in zip(missing, encoded, strict=True):
-                found[i] = value
-                if keys[i]:
-                    self.image_cache.put(keys[i], value)
-        return found
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Normalised tiles [N, 3, S, S] -> projected tile embeddings [N, s*s, D] (one vision call)."""
+        self.stats["vision_calls"] += 1
+        return self._model.encode_tiles(tiles.to(self.device))
+
+    def layout_image(self, tile_embeds: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:
+        model = self._model
+        return layout_image_tokens(tile_embeds, width_tiles, height_tiles, model.image_newline,
+                                   model.view_seperator, model.cfg.global_view_pos)
 
     # -- compile --------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class Sequence:
     slot: int = -1
     prefilled: int = 0  # prompt tokens already written to the cache
     prompt_embeds: torch.Tensor | None = None  # [T, D] while prefilling
+    images: Any = None  # dsvl2.engine.generate.ImageEncoding while the prompt's images are encoded
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -167,7 +168,7 @@ class Scheduler:
             heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
         seq.phase = Phase.FINISHED
-        seq.prompt_embeds = None
+        seq.prompt_embeds = seq.images = None
 
 
 def contiguous_range(slots: list[int]) -> tuple[int, int] | None:
