@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint directory (config.json, model.safetensors, tokenizer files)")
+                        help="checkpoint directory (config.json, model.safetensors, tokenizer files; "
+                             "default: the bundled default model)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -111,13 +112,15 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
 
 
 def resolve_model_dir(model: Path | None) -> Path:
+    """The --model directory, or the bundled default model when none is given."""
     if model is not None:
         return model
+    from dsvl2.defaults import default_model_dir
+
     try:
-        from dsvl2.defaults import default_model_dir  # type: ignore[import-not-found]
-    except ModuleNotFoundError:
-        raise InputError("no --model given (and no default model is installed)") from None
-    return Path(default_model_dir())
+        return default_model_dir()
+    except FileNotFoundError as exc:
+        raise InputError(f"no --model given and {exc}") from None
 
 
 def load_engine(args: argparse.Namespace, max_batch: int = 1) -> Any:

@@ -95,8 +95,14 @@ class DeepseekVL2(nn.Module):
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        logits_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Full-sequence forward (training, scoring); generation goes through `decode_step`."""
+        """Full-sequence forward (training, scoring); generation goes through `decode_step`.
+
+        `logits_mask` [B, T] (bool): logits only at those positions, as [N, V] in row-major order
+        (training needs them only where a label follows, a small part of an image-heavy batch)."""
+        if labels is not None and logits_mask is not None:
+            raise ValueError("labels and logits_mask cannot be combined: the loss needs every position's logits")
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
         b, t, _ = inputs_embeds.shape
@@ -105,7 +111,7 @@ class DeepseekVL2(nn.Module):
         positions = positions_from_mask(attention_mask)
         mask = causal_mask(torch.arange(t, device=inputs_embeds.device).expand(b, t), t, attention_mask)
         out, hidden = self.language.model(inputs_embeds, positions, mask, output_hidden_states=output_hidden_states)
-        logits = self.language.lm_head(out.hidden)
+        logits = self.language.lm_head(out.hidden if logits_mask is None else out.hidden[logits_mask])
         loss = shifted_cross_entropy(logits, labels) if labels is not None else None
         aux = torch.stack(out.aux_losses).sum() if out.aux_losses else None
         return ModelOutput(logits, loss, aux, hidden, out.expert_indices)

@@ -92,9 +92,12 @@ def test_generate_reports_bad_input(capsys, monkeypatch, tmp_path) -> None:
     assert code == 2 and "1 image" in err
     code, _, err = run_cli(["generate", "--model", str(tmp_path / "missing"), "hi"], capsys)
     assert code == 2 and "does not exist" in err
-    monkeypatch.setitem(sys.modules, "dsvl2.defaults", None)  # no shipped default model
+    def missing_default_model():
+        raise FileNotFoundError("the default model at X lacks model.safetensors")
+
+    monkeypatch.setattr("dsvl2.defaults.default_model_dir", missing_default_model)
     code, _, err = run_cli(["generate", "hi"], capsys)
-    assert code == 2 and "no --model given" in err
+    assert code == 2 and "no --model given" in err and "model.safetensors" in err
     code, _, err = run_cli(["generate", "--model", model_dir, "--top-p", "3", "hi"], capsys)
     assert code == 2 and "top_p" in err
 

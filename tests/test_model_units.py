@@ -159,3 +159,20 @@ def test_projector_width_must_match_vision() -> None:
 def test_language_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         _mla_config().hidden_size = 3
+
+
+def test_logits_mask_keeps_only_the_selected_positions(conf_dir) -> None:
+    model = load_model(conf_dir / "tiny_like", dtype=torch.float32).eval()
+    input_ids = torch.randint(10, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding
+    keep = torch.zeros_like(input_ids, dtype=torch.bool)
+    keep[0, [2, 5]] = True
+    keep[1, 8] = True
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask).logits
+        some = model(input_ids, attention_mask=attention_mask, logits_mask=keep).logits
+    assert some.shape == (3, full.shape[-1])
+    torch.testing.assert_close(some, full[keep], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_mask"):
+        model(input_ids, labels=input_ids, logits_mask=keep)

@@ -478,3 +478,25 @@ def test_cli_refuses_a_directory_without_a_checkpoint(tmp_path: Path) -> None:
     assert (args.host, args.port, args.allow_local_files) == ("127.0.0.1", 8000, False)
     with pytest.raises(SystemExit, match="not a checkpoint directory"):
         check_arguments(args)
+
+
+def test_cli_serves_the_default_model_without_model_argument(monkeypatch, tmp_path: Path) -> None:
+    import argparse
+
+    from dsvl2.serve import add_arguments
+    from dsvl2.serve.cli import check_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr("dsvl2.defaults.default_model_dir", lambda: tmp_path)
+    args = parser.parse_args([])
+    check_arguments(args)
+    assert args.model == tmp_path
+
+    def missing():
+        raise FileNotFoundError("the default model at X lacks model.safetensors")
+
+    monkeypatch.setattr("dsvl2.defaults.default_model_dir", missing)
+    with pytest.raises(SystemExit, match="no --model given"):
+        check_arguments(parser.parse_args([]))

@@ -328,3 +328,16 @@ def test_thousand_samples_in_under_a_minute(tmp_path: Path) -> None:
     counts = generate_dataset(tmp_path, 1000, 0)
     assert sum(counts.values()) == 1000
     assert time.perf_counter() - started < 60
+
+
+def test_a_tiny_bar_on_a_short_chart_is_still_drawn() -> None:
+    from dsvl2.train.synthetic import _draw_bar_chart
+
+    red = (255, 0, 0)
+    image = Image.new("RGB", (300, 64), (255, 255, 255))
+    _draw_bar_chart(image, ["A", "B", "C"], [1, 200, 3], red)  # 1/200 of a ~20 px plot is < 1 px
+    pixels = np.asarray(image)
+    red_columns = np.flatnonzero((pixels == red).all(axis=2).any(axis=0))
+    # three bars in three separate runs of red columns: the first (value 1) is drawn too
+    runs = 1 + int((np.diff(red_columns) > 1).sum()) if red_columns.size else 0
+    assert runs == 3

@@ -14,7 +14,8 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `dsvl2 serve`."""
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint directory (default: the bundled default model)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--served-model-name", default=None,
@@ -45,6 +46,13 @@ def _positive(name: str, value: float | None) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    if args.model is None:
+        from dsvl2.defaults import default_model_dir
+
+        try:
+            args.model = default_model_dir()
+        except FileNotFoundError as exc:
+            raise SystemExit(f"error: no --model given and {exc}") from None
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"error: {args.model} is not a checkpoint directory (no config.json)")
     for name in ("max_batch", "max_len", "max_pending", "max_body_mb", "max_image_pixels", "max_images",

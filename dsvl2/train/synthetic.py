@@ -87,6 +87,10 @@ TEXTURE_AMPLITUDE = 12  # keeps every background channel within [180, 255]
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 64, 896, 4.0
 MIN_SHAPE_PX = 16
 SHAPE_GAP_PX = 8  # free space around every shape, so shapes never touch and boxes never overlap
+# Text stays legible after the image is fitted into a tiling resolution (the default model's tiles
+# are 192 px with 16 px patches): one or two short lines of at least 20 px.
+OCR_MAX_LINES, OCR_MAX_TOKENS, OCR_FONT_PX = 2, 2, (20, 48)
+CHART_MAX_SIDE = 448  # so that bar values and labels stay legible too
 
 _WORDS = (
     "apple", "river", "stone", "light", "green", "house", "paper", "cloud", "table", "music", "north",
@@ -126,11 +130,12 @@ def _sample_aspect(rng: np.random.Generator, low: float, high: float) -> float:
     return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
-def _canvas_size(rng: np.random.Generator, aspect: float, min_long: int = 128) -> tuple[int, int]:
-    """(width, height) with the given width/height ratio, long side <= MAX_SIDE, short side >= MIN_SIDE."""
+def _canvas_size(rng: np.random.Generator, aspect: float, min_long: int = 128, max_long: int = MAX_SIDE
+                 ) -> tuple[int, int]:
+    """(width, height) with the given width/height ratio, long side <= max_long, short side >= MIN_SIDE."""
     stretch = max(aspect, 1.0 / aspect)
-    long_low = min(MAX_SIDE, max(min_long, math.ceil(MIN_SIDE * stretch)))
-    long_side = int(rng.integers(long_low, MAX_SIDE + 1))
+    long_low = min(max_long, max(min_long, math.ceil(MIN_SIDE * stretch)))
+    long_side = int(rng.integers(long_low, max_long + 1))
     short_side = max(MIN_SIDE, round(long_side / stretch))
     return (long_side, short_side) if aspect >= 1.0 else (short_side, long_side)
 
@@ -387,17 +392,17 @@ def _make_caption(rng: np.random.Generator, split: str) -> tuple[dict, Image.Ima
 def _ocr_token(rng: np.random.Generator) -> str:
     kind = int(rng.integers(5))
     if kind == 0:
-        return str(int(rng.integers(0, 100000)))
+        return str(int(rng.integers(0, 10000)))
     if kind == 1:
-        return f"{rng.integers(0, 1000)}.{rng.integers(0, 100):02d}"
+        return f"{rng.integers(0, 100)}.{rng.integers(0, 100):02d}"
     word = _WORDS[int(rng.integers(len(_WORDS)))]
     return (word, word.capitalize(), word.upper())[kind - 2]
 
 
 def _ocr_lines(rng: np.random.Generator, font: ImageFont.FreeTypeFont) -> list[str]:
     lines = []
-    for _ in range(int(rng.integers(1, 4))):
-        tokens = [_ocr_token(rng) for _ in range(int(rng.integers(1, 4)))]
+    for _ in range(int(rng.integers(1, OCR_MAX_LINES + 1))):
+        tokens = [_ocr_token(rng) for _ in range(int(rng.integers(1, OCR_MAX_TOKENS + 1)))]
         while len(tokens) > 1 and font.getlength(" ".join(tokens)) > MAX_SIDE * 0.85:
             tokens.pop()
         lines.append(" ".join(tokens))
@@ -405,11 +410,11 @@ def _ocr_lines(rng: np.random.Generator, font: ImageFont.FreeTypeFont) -> list[s
 
 
 def _make_ocr(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
-    font_size = int(rng.integers(14, 73))
+    font_size = int(rng.integers(OCR_FONT_PX[0], OCR_FONT_PX[1] + 1))
     font = _font(font_size)
     lines = _ocr_lines(rng, font)
-    while font_size > 14 and max(font.getlength(line) for line in lines) > MAX_SIDE * 0.85:
-        font_size = max(14, font_size * 3 // 4)
+    while font_size > OCR_FONT_PX[0] and max(font.getlength(line) for line in lines) > MAX_SIDE * 0.85:
+        font_size = max(OCR_FONT_PX[0], font_size * 3 // 4)
         font = _font(font_size)
     line_height = round(font_size * 1.3)
     text_w = math.ceil(max(font.getlength(line) for line in lines))
@@ -458,9 +463,9 @@ def _nice_axis_max(value: int) -> tuple[int, int]:
 def _make_chart(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
     count = int(rng.integers(3, 7))
     labels = _chart_labels(rng, count)
-    top_value = int(rng.choice([10, 20, 50, 100, 200, 500, 1000]))
+    top_value = int(rng.choice([10, 20, 50, 100, 200]))
     values = [int(v) for v in rng.integers(1, top_value + 1, size=count)]
-    width, height = _canvas_size(rng, _sample_aspect(rng, 0.5, 3.0), min_long=256)
+    width, height = _canvas_size(rng, _sample_aspect(rng, 0.5, 3.0), min_long=256, max_long=CHART_MAX_SIDE)
     image = Image.new("RGB", (width, height), BACKGROUNDS["white"])
     _draw_bar_chart(image, labels, values, _BAR_COLORS[int(rng.integers(len(_BAR_COLORS)))])
     bars = [{"label": label, "value": value} for label, value in zip(labels, values, strict=True)]
@@ -511,7 +516,7 @@ def _draw_bar_chart(image: Image.Image, labels: list[str], values: list[int], ba
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         centre = left + slot * (i + 0.5)
         half = slot * 0.3
-        bar_top = plot_bottom - value * scale
+        bar_top = min(plot_bottom - value * scale, plot_bottom - 1)  # a tiny value still gets a 1 px bar
         draw.rectangle([centre - half, bar_top, centre + half, plot_bottom - 1], fill=bar_color)
         draw.text((centre, bar_top - 3), str(value), font=font, fill=ink, anchor="mb")
         draw.text((centre, plot_bottom + 5), label, font=font, fill=ink, anchor="mt")

@@ -246,10 +246,10 @@ class LossModule(nn.Module):
             blank = images.new_zeros(1, *images.shape[2:])
             unused = model.encode_tiles(blank).sum() + model.image_newline.sum() + model.view_seperator.sum()
             embeds = embeds + 0.0 * unused.to(embeds.dtype)
-        out = model(inputs_embeds=embeds, attention_mask=attention_mask)
-        logits = out.logits[:, :-1]
-        ce_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                                 ignore_index=-100, reduction="sum")
+        targets = labels[:, 1:]
+        predicts = F.pad(targets != -100, (0, 1))  # positions whose next token is a label
+        out = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_mask=predicts)
+        ce_sum = F.cross_entropy(out.logits.float(), targets[targets != -100], reduction="sum")
         return ce_sum, out.aux_loss, out.expert_indices
 
 

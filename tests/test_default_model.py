@@ -1,0 +1,145 @@
+"""The bundled default model: complete, small, a real DeepSeek-VL2 configuration, and it works."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from dsvl2.checkpoint import load_model
+from dsvl2.config import load_model_config, model_config_from_dict
+from dsvl2.defaults import default_model_dir
+from dsvl2.eval.metrics import box_iou, parse_det_boxes
+from dsvl2.tokenizer import Tokenizer
+from dsvl2.train.synthetic import generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "default"
+SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image>", "<|ref|>",
+                  "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>")
+# Training images come from the train split; the test split has its own random streams.
+FRESH_SEED = 31337
+
+
+def _load_prepare():
+    spec = importlib.util.spec_from_file_location("default_recipe_prepare", RECIPE / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bundled_files_are_complete_and_small():
+    model_dir = default_model_dir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "processor_config.json"):
+        assert (model_dir / name).is_file(), name
+    assert (model_dir / "model.safetensors").stat().st_size < 40 * 1024 * 1024
+
+
+def test_config_is_a_small_deepseek_vl2_with_mla_and_moe():
+    cfg = load_model_config(default_model_dir())
+    language = cfg.language
+    assert language.use_mla and language.kv_lora_rank
+    assert language.n_routed_experts >= 8 and language.num_experts_per_tok == 2
+    assert language.n_shared_experts >= 1
+    assert language.first_k_dense_replace == 1
+    assert not language.is_moe_layer(0) and all(language.is_moe_layer(i) for i in range(1, language.num_hidden_layers))
+    assert cfg.projector.projector_type == "downsample_mlp_gelu" and cfg.projector.downsample_ratio == 2
+    for width, height in cfg.candidate_resolutions:
+        assert width % cfg.vision.image_size == 0 and height % cfg.vision.image_size == 0
+
+
+def test_shipped_config_is_the_recipe_config():
+    shipped = load_model_config(default_model_dir())
+    recipe = model_config_from_dict(json.loads((RECIPE / "model.json").read_text()))
+    assert shipped == recipe
+
+
+def test_tokenizer_has_every_special_token_and_single_digits():
+    model_dir = default_model_dir()
+    tokenizer = Tokenizer.from_dir(model_dir)
+    ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
+    assert len(set(ids)) == len(ids)
+    for token, token_id in zip(SPECIAL_TOKENS, ids, strict=True):
+        assert tokenizer.encode(token) == [token_id]
+    language = load_model_config(model_dir).language
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (language.bos_token_id, language.eos_token_id)
+    assert tokenizer.vocab_size <= language.vocab_size
+    digits = tokenizer.encode("[[120, 7, 999, 45]]")
+    assert sum(tokenizer.decode([i]).isdigit() for i in digits) == 9  # one token per digit
+    text = "<|ref|>the red circle<|/ref|><|det|>[[1, 22, 333, 999]]<|/det|> Ünïcode ✓"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert config["bos_token"] == SPECIAL_TOKENS[0] and config["eos_token"] == SPECIAL_TOKENS[1]
+    assert {v["content"] for v in config["added_tokens_decoder"].values()} >= set(SPECIAL_TOKENS)
+
+
+def test_loads_strictly_and_is_small():
+    model = load_model(default_model_dir())  # strict: every tensor named and shaped as the config says
+    assert 1_000_000 < sum(p.numel() for p in model.parameters()) < 10_000_000
+
+
+def test_grounds_objects_in_fresh_images(tmp_path):
+    from dsvl2.engine.generate import Engine, Request
+    from dsvl2.engine.sampling import SamplingParams
+
+    generate_dataset(tmp_path, 6, seed=FRESH_SEED, split="test", tasks=["grounding"])
+    records = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    engine = Engine.from_pretrained(default_model_dir(), max_batch=len(records))
+    requests = [Request(r["messages"][:1], [tmp_path / r["images"][0]], SamplingParams(max_new_tokens=40))
+                for r in records]
+    ious = []
+    for record, completion in zip(records, engine.generate_batch(requests), strict=True):
+        assert completion.text.startswith(f"<|ref|>{record['expression']}<|/ref|><|det|>"), completion.text
+        boxes = parse_det_boxes(completion.text)
+        ious.append(box_iou(boxes[0], record["box"]) if boxes else 0.0)
+    assert sum(iou >= 0.5 for iou in ious) >= 4, ious
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+
+
+def test_recipe_multi_turn_answers_follow_the_metadata(tmp_path):
+    prepare = _load_prepare()
+    generate_dataset(tmp_path, 24, seed=5, split="train", tasks=["grounding", "counting", "chart", "ocr"])
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    extra_turns = 0
+    for record in records:
+        expanded = prepare.multi_turn(record, rng)
+        messages = expanded["messages"]
+        assert messages[:2] == record["messages"]  # the evaluation-format turn comes first, unchanged
+        assert messages[0]["content"].startswith("<image>")
+        assert all("<image>" not in m["content"] for m in messages[1:])
+        pairs = list(zip(messages[2::2], messages[3::2], strict=True))
+        extra_turns += len(pairs)
+        for question, answer in pairs:
+            _check_answer(record, question["content"], answer["content"])
+    assert extra_turns > len(records)
+
+
+def _check_answer(record: dict, question: str, answer: str) -> None:
+    objects = record.get("objects", [])
+    if match := re.fullmatch(r"<\|ref\|>(.+)<\|/ref\|>\.", question):
+        words = match.group(1).removeprefix("the ").split()
+        matching = [o for o in objects if all(w in (o["color"], o["shape"], "shape") for w in words)]
+        assert len(matching) == 1, question
+        assert parse_det_boxes(answer) == [matching[0]["box"]]
+    elif match := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        assert int(answer) == sum(o["color"] == match.group(1) for o in objects)
+    elif question == "How many shapes are there?":
+        assert int(answer) == len(objects)
+    elif match := re.fullmatch(r"How many (\w+)s are there\?", question):
+        assert int(answer) == sum(o["shape"] == match.group(1) for o in objects)
+    elif match := re.fullmatch(r"What is the value of bar (.+)\?", question):
+        assert {b["label"]: str(b["value"]) for b in record["bars"]}[match.group(1)] == answer
+    elif question.startswith("Which bar has the"):
+        values = {b["label"]: b["value"] for b in record["bars"]}
+        pick = max if "highest" in question else min
+        assert values[answer] == pick(values.values())
+    else:
+        pytest.fail(f"unexpected question {question!r}")

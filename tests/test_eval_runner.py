@@ -1,0 +1,195 @@
+"""The eval runner: reading eval files, scoring, the report and table, and end-to-end runs with real models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from dsvl2.errors import InputError
+from dsvl2.eval import runner
+from dsvl2.eval.runner import ItemResult
+from dsvl2.train.synthetic import generate_dataset
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _count_record(answer: str = "2") -> dict:
+    return {"messages": [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": answer}],
+            "task": "counting", "answers": [answer]}
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+def test_prompt_turns_stop_at_the_last_user_turn():
+    record = {"messages": [
+        {"role": "user", "content": "<image>\nfirst"}, {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "second"}, {"role": "assistant", "content": "b"},
+    ]}
+    turns = runner.prompt_turns(record)
+    assert [t["content"] for t in turns] == ["<image>\nfirst", "a", "second"]
+
+
+@pytest.mark.parametrize("record", [{}, {"messages": []}, {"messages": [{"role": "assistant", "content": "x"}]}])
+def test_prompt_turns_reject_records_without_a_question(record):
+    with pytest.raises(InputError):
+        runner.prompt_turns(record)
+
+
+def test_task_filter():
+    assert runner.parse_task_filter("all") is None
+    assert runner.parse_task_filter(None) is None
+    assert runner.parse_task_filter("ocr, chart") == {"ocr", "chart"}
+    with pytest.raises(InputError):
+        runner.parse_task_filter(" , ")
+
+
+def test_load_items_filters_limits_and_reports_bad_records(tmp_path):
+    records = [
+        _count_record(),
+        {"text": "plain training text", "task": "text"},  # no question: passed over
+        {"messages": [{"role": "user", "content": "Read it."}, {"role": "assistant", "content": "x"}],
+         "task": "ocr", "answers": ["x"]},
+        {"messages": [{"role": "user", "content": "?"}], "task": "no_such_metric", "answers": ["x"]},
+        _count_record("3"),
+    ]
+    path = _write_jsonl(tmp_path / "eval.jsonl", records)
+    with path.open("a") as f:
+        f.write("{broken json\n")
+    items, errors = runner.load_items(path)
+    assert [i.line for i in items] == [1, 3, 5]
+    assert sorted(e.line for e in errors) == [4, 6]
+    assert all(e.error for e in errors)
+    counting, _ = runner.load_items(path, {"counting"})
+    assert [i.line for i in counting] == [1, 5]
+    first, _ = runner.load_items(path, {"counting"}, limit=1)
+    assert [i.line for i in first] == [1]
+    with pytest.raises(InputError, match="does not exist"):
+        runner.load_items(tmp_path / "missing.jsonl")
+
+
+def test_image_paths_are_relative_to_the_data_file(tmp_path):
+    record = {**_count_record(), "images": ["images/a.png", "/abs/b.png"]}
+    item = runner.make_item(record, 1, tmp_path)
+    assert item.images == [str(tmp_path / "images/a.png"), "/abs/b.png"]
+
+
+def test_record_metric_field_overrides_the_task(tmp_path):
+    record = {**_count_record(), "task": "docs", "metric": "anls"}
+    item = runner.make_item(record, 1, tmp_path)
+    assert (item.task, item.metric) == ("docs", "anls")
+
+
+def test_summary_means_and_table():
+    results = [
+        ItemResult(1, "ocr", "ocr", "a", {"score": 1.0, "exact_match": 1.0, "cer": 0.0}),
+        ItemResult(2, "ocr", "ocr", "b", {"score": 0.0, "exact_match": 0.0, "cer": 0.5}),
+        ItemResult(3, "ocr", "ocr", error="missing image"),
+        ItemResult(4, "grounding", "grounding", "c", {"score": 1.0, "accuracy": 1.0, "iou": 0.75, "parsed": True}),
+    ]
+    summary = runner.summarize(results)
+    assert summary["ocr"]["n"] == 2 and summary["ocr"]["errors"] == 1
+    assert summary["ocr"]["score"] == pytest.approx(0.5)
+    assert summary["ocr"]["metrics"]["cer"] == pytest.approx(0.25)
+    assert summary["grounding"]["metrics"]["iou"] == pytest.approx(0.75)
+    table = runner.format_table(summary)
+    assert "exact match" in table and "CER=0.250" in table
+    assert "acc@IoU0.5" in table and "mean IoU=0.750" in table
+
+
+class _EchoEngine:
+    """Answers every request with a fixed text: scoring and bookkeeping without a model."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.batch_sizes: list[int] = []
+
+    def generate_batch(self, requests):
+        from dsvl2.engine.generate import Completion
+
+        self.batch_sizes.append(len(requests))
+        return [Completion(self.text, [], "stop", 0, 0) for _ in requests]
+
+
+def test_evaluate_scores_every_record_in_batches(tmp_path):
+    path = _write_jsonl(tmp_path / "eval.jsonl", [_count_record("2")] * 3 + [_count_record("5")] * 2)
+    engine = _EchoEngine("2")
+    report = runner.evaluate(engine, path, batch_size=2)
+    assert engine.batch_sizes == [2, 2, 1]
+    assert report["num_records"] == 5
+    assert report["tasks"]["counting"]["n"] == 5
+    assert report["tasks"]["counting"]["score"] == pytest.approx(3 / 5)
+    assert [s["prediction"] for s in report["samples"]] == ["2"] * 5
+    with pytest.raises(InputError):
+        runner.evaluate(engine, path, batch_size=0)
+
+
+# ------------------------------------------------------------------------------------------ with a real engine
+
+
+@pytest.fixture(scope="module")
+def synthetic_eval(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval_data")
+    generate_dataset(out, 12, seed=4242, split="test", tasks=["grounding", "counting", "ocr", "chart"])
+    return out / "test.jsonl"
+
+
+def test_conformance_checkpoint_report_structure(conf_dir, synthetic_eval, tmp_path):
+    from dsvl2.engine.generate import Engine
+
+    records = [json.loads(line) for line in synthetic_eval.read_text().splitlines()]
+    broken = {**records[0], "images": ["images/does-not-exist.png"]}
+    path = _write_jsonl(tmp_path / "eval.jsonl", [*records[:6], broken])
+    (tmp_path / "images").symlink_to(synthetic_eval.parent / "images")
+    engine = Engine.from_pretrained(conf_dir / "tiny_like", max_batch=4)
+    report = runner.evaluate(engine, path, "all", batch_size=4, max_new_tokens=6)
+    expected = {}
+    for record in records[:6]:
+        expected[record["task"]] = expected.get(record["task"], 0) + 1
+    assert report["num_records"] == 7
+    assert report["num_errors"] == 1
+    assert {task: entry["n"] for task, entry in report["tasks"].items()} == expected
+    assert report["tasks"][broken["task"]]["errors"] == 1
+    for sample in report["samples"]:
+        if "error" in sample:
+            assert "does-not-exist" in sample["error"]
+            continue
+        assert isinstance(sample["prediction"], str)
+        assert 0.0 <= sample["scores"]["score"] <= 1.0
+        assert sample["finish_reason"] in ("stop", "length")
+    json.dumps(report)  # the report is plain JSON
+
+
+def test_command_line_writes_the_report(conf_dir, synthetic_eval, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    out = tmp_path / "report.json"
+    args = parser.parse_args(["--model", str(conf_dir / "tiny_like"), "--data", str(synthetic_eval),
+                              "--task", "counting", "--limit", "2", "--max-new-tokens", "4", "--out", str(out),
+                              "--no-progress"])
+    assert runner.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["num_records"] == 2
+    assert list(report["tasks"]) == ["counting"]
+    assert "counting" in capsys.readouterr().out
+    bad = parser.parse_args(["--model", str(conf_dir / "tiny_like"), "--data", str(tmp_path / "nope.jsonl")])
+    assert runner.run(bad) == 2
+
+
+def test_default_model_scores_sensibly(synthetic_eval):
+    from dsvl2.defaults import default_model_dir
+    from dsvl2.engine.generate import Engine
+
+    engine = Engine.from_pretrained(default_model_dir(), max_batch=8)
+    report = runner.evaluate(engine, synthetic_eval, "grounding,counting", batch_size=8)
+    assert report["num_errors"] == 0
+    n = sum(entry["n"] for entry in report["tasks"].values())
+    mean = sum(entry["score"] * entry["n"] for entry in report["tasks"].values()) / n
+    assert n >= 4
+    assert mean >= 0.5, report["tasks"]
