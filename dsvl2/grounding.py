@@ -183,6 +183,7 @@ def draw_boxes(image: Image.Image, refs: Iterable[Ref], line_width: int | None =
         colour = _COLOURS[number % len(_COLOURS)]
         for box in ref.boxes:
             x1, y1, x2, y2 = (round(v) for v in box_to_pixels(box, canvas.width, canvas.height))
+            (x1, x2), (y1, y2) = sorted((x1, x2)), sorted((y1, y2))  # a model may swap the corners
             draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
             if ref.label:
                 left, top, right, bottom = draw.textbbox((x1, y1), ref.label, font=font)

@@ -132,3 +132,11 @@ def test_draw_boxes_marks_the_box_edge_and_leaves_the_input_alone() -> None:
     assert pixels[65, 100].tolist() == [255, 255, 255]  # inside stays untouched
     assert (np.asarray(image) == 255).all()
     assert drawn.size == image.size
+
+
+def test_draw_boxes_accepts_swapped_corners_from_a_model() -> None:
+    image = Image.new("RGB", (200, 100), (255, 255, 255))
+    swapped = Ref("thing", [(749, 899, 250, 400)])  # x2 < x1 and y2 < y1, as a weak model may write
+    ordered = Ref("thing", [(250, 400, 749, 899)])
+    assert draw_boxes(image, [swapped]).tobytes() == draw_boxes(image, [ordered]).tobytes()
+    assert draw_boxes(image, [swapped]).tobytes() != image.tobytes()
