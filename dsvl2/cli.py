@@ -144,7 +144,7 @@ def with_image_tags(text: str, num_images: int) -> str:
     return f"{IMAGE_TAG}\n" * num_images + text
 
 
-def _guarded_run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def guarded_run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Turn expected failures (bad input, bad checkpoint) into a one-line message and exit code."""
     from dsvl2.checkpoint import CheckpointError
     from dsvl2.config import ConfigError
@@ -176,7 +176,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    return _guarded_run(_generate, args)
+    return guarded_run(_generate, args)
 
 
 def _split_prompt(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -286,7 +286,7 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    return _guarded_run(_chat, args)
+    return guarded_run(_chat, args)
 
 
 CHAT_HELP = "commands: /image PATH (attach to the next message), /reset (new conversation), /quit"

@@ -289,27 +289,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the parsed arguments say; 0 on success, 2 for bad input, 1 for a bad checkpoint."""
-    from dsvl2.checkpoint import CheckpointError
-    from dsvl2.cli import load_engine, resolve_model_dir
-    from dsvl2.config import ConfigError
+    from dsvl2.cli import guarded_run
 
-    try:
-        if args.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-        parse_task_filter(args.task)
-        if not Path(args.data).is_file():
-            raise InputError(f"eval data file {args.data} does not exist")
-        model_dir = resolve_model_dir(args.model)
-        engine = load_engine(args, max_batch=args.batch_size)
-        report = evaluate(engine, args.data, args.task, batch_size=args.batch_size, limit=args.limit,
-                          max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                          model_name=str(model_dir))
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return guarded_run(_evaluate, args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dsvl2.cli import load_engine, resolve_model_dir
+
+    # The cheap checks come first: a mistyped flag should not wait for the weights to load.
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    parse_task_filter(args.task)
+    if not Path(args.data).is_file():
+        raise InputError(f"eval data file {args.data} does not exist")
+    model_dir = resolve_model_dir(args.model)
+    engine = load_engine(args, max_batch=args.batch_size)
+    report = evaluate(engine, args.data, args.task, batch_size=args.batch_size, limit=args.limit,
+                      max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                      model_name=str(model_dir))
     print(format_table(report["tasks"]))
     print(f"{report['num_records']} records in {report['seconds']:.1f}s"
           + (f", {report['num_errors']} errors (see the report)" if report["num_errors"] else ""))

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dsvl2.errors import InputError
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -47,12 +49,12 @@ def _positive(name: str, value: float | None) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     if args.model is None:
-        from dsvl2.defaults import default_model_dir
+        from dsvl2.cli import resolve_model_dir
 
         try:
-            args.model = default_model_dir()
-        except FileNotFoundError as exc:
-            raise SystemExit(f"error: no --model given and {exc}") from None
+            args.model = resolve_model_dir(None)
+        except InputError as exc:
+            raise SystemExit(f"error: {exc}") from None
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"error: {args.model} is not a checkpoint directory (no config.json)")
     for name in ("max_batch", "max_len", "max_pending", "max_body_mb", "max_image_pixels", "max_images",
