@@ -85,7 +85,7 @@ def test_loads_strictly_and_is_small():
 
 UNDER_TRAINED = pytest.mark.xfail(
     strict=True,  # fails loudly once the model passes, so the mark cannot outlive the problem
-    reason="the bundled model is under-trained (held-out grounding accuracy 0.00, eval_report.json); "
+    reason="the bundled model is under-trained (held-out scores in dsvl2/assets/default_model/eval_report.json); "
     "known failure until a better recipe lands",
 )
 
