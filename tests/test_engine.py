@@ -521,6 +521,11 @@ def test_bfloat16_engine_on_cpu_packs_and_generates() -> None:
     root = conformance_dir() / "tiny_like"
     engine = Engine(load_model(root, dtype=torch.bfloat16), Processor.from_pretrained(root))
     assert engine.float32_prefill and (engine.packed_layers > 0) == fbgemm_fp16_available()
+    # The vision side is converted once rather than upcast on every image; its output is bfloat16 again.
+    vision_side = [*engine._model.vision.parameters(), *engine._model.projector.parameters()]
+    assert all(p.dtype == torch.float32 for p in vision_side)
+    tiles = torch.zeros(1, 3, *(2 * [engine._model.cfg.vision.image_size]))
+    assert engine.encode_tiles(tiles).dtype == torch.bfloat16
     # Cases whose greedy choices have clear margins in float32: bfloat16 weights choose the same.
     completions = engine.generate_batch([case_request("one_square"), case_request("one_wide")])
     assert [c.token_ids for c in completions] == [expected_tokens("tiny_like", c) for c in ("one_square", "one_wide")]

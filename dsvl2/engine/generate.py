@@ -163,7 +163,9 @@ class Engine:
     ) -> None:
         """`vision_tiles_per_step`: image tiles encoded per step (default 2 on CPU, 32 on GPU).
         CPU options for bfloat16/float16 models (None: on for such a model on a CPU; see dsvl2.engine.cpu):
-        `float32_prefill` runs vision and prefill in float32, upcasting weights layer by layer;
+        `float32_prefill` runs vision and prefill in float32: the vision tower and projector are converted
+        to float32 once (about 0.8 GB more for SigLIP-SO400M, and no weight upcast on every image),
+        the language model's weights are upcast layer by layer;
         `pack_weights` replaces the language model's linear layers, in place, by FBGEMM packed float16
         layers (float32 compute, 16-bit weights) for fast decoding."""
         self._model = model.eval()
@@ -182,6 +184,9 @@ class Engine:
         self.vision_tiles_per_step = vision_tiles_per_step or (2 if self.device.type == "cpu" else 32)
         half_on_cpu = is_half_on_cpu(self.device, self.dtype)
         self.float32_prefill = half_on_cpu if float32_prefill is None else float32_prefill
+        if self.float32_prefill:
+            model.vision.float()
+            model.projector.float()
         if pack_weights is None:
             pack_weights = half_on_cpu and fbgemm_fp16_available()
         self.packed_layers = pack_linear_layers(model.language) if pack_weights else 0
@@ -420,7 +425,7 @@ class Engine:
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """Normalised tiles [N, 3, S, S] -> projected tile embeddings [N, s*s, D] (one vision call)."""
         self.stats["vision_calls"] += 1
-        return self._model.encode_tiles(tiles.to(self.device))
+        return self._model.encode_tiles(tiles.to(self.device)).to(self.dtype)
 
     def layout_image(self, tile_embeds: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:
         model = self._model
