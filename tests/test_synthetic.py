@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dsvl2.config import load_json
 from dsvl2.errors import InputError
 from dsvl2.eval.metrics import parse_det_boxes
 from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_GAP_PX, TASK_WEIGHTS, TASKS, generate_dataset, main
+from dsvl2.vision.tiling import select_tile_grid
 
 N_SAMPLES = 4 * sum(TASK_WEIGHTS.values())  # four full task cycles: every task appears at least 4 times
 SEED = 1234
+RECIPE_MODEL = Path(__file__).resolve().parents[1] / "recipes" / "default" / "model.json"
 
 
 def _read_records(folder: Path, split: str = "train") -> list[dict]:
@@ -166,12 +169,17 @@ def test_image_sizes_within_bounds(records: list[dict]) -> None:
 
 def test_aspect_ratios_vary(tmp_path: Path) -> None:
     generate_dataset(tmp_path, 120, 7, split="train", tasks=["grounding", "counting", "ocr", "chart"])
-    ratios = [r["image_size"][0] / r["image_size"][1] for r in _read_records(tmp_path)]
-    assert any(r < 0.5 for r in ratios), "no tall images"
-    assert any(r > 2.0 for r in ratios), "no wide images"
+    records = _read_records(tmp_path)
+    ratios = [r["image_size"][0] / r["image_size"][1] for r in records]
+    assert any(r <= 0.6 for r in ratios), "no tall images"
+    assert any(r >= 1.7 for r in ratios), "no wide images"
     assert any(0.8 <= r <= 1.25 for r in ratios), "no near-square images"
-    long_sides = [max(r["image_size"]) for r in _read_records(tmp_path)]
+    long_sides = [max(r["image_size"]) for r in records]
     assert min(long_sides) < 300 and max(long_sides) > 600
+    # Every tile grid of the default model's tiling is picked by some image.
+    candidates = [tuple(c) for c in load_json(RECIPE_MODEL)["candidate_resolutions"]]
+    grids = {select_tile_grid(*r["image_size"], candidates) for r in records}
+    assert grids == set(candidates)
 
 
 # ---------------------------------------------------------------- answers against pixels and metadata
@@ -179,6 +187,21 @@ def test_aspect_ratios_vary(tmp_path: Path) -> None:
 
 def _scene_records(records: list[dict]) -> list[dict]:
     return [r for r in records if "objects" in r]
+
+
+def test_images_are_legible_at_the_default_model_resolution(records: list[dict]) -> None:
+    """Text and charts fit the default model's largest tiling resolution, so tiling never shrinks
+    their letters, and shapes are large enough to cover several patches."""
+    largest = max(max(c) for c in load_json(RECIPE_MODEL)["candidate_resolutions"])
+    for record in records:
+        if record["task"] in ("ocr", "chart"):
+            assert max(record["image_size"]) <= largest, record["image_size"]
+        if record["task"] == "ocr":
+            assert record["font_size"] >= 24
+        for obj in record.get("objects", []):
+            x1, y1, x2, y2 = obj["box_px"]
+            # 30% of the short side for the drawing square; a star's tight box is a little smaller.
+            assert max(x2 - x1, y2 - y1) >= 0.25 * min(record["image_size"]), (obj, record["image_size"])
 
 
 def test_object_boxes_are_tight_around_their_pixels(dataset: tuple[Path, dict[str, int]],

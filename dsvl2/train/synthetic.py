@@ -86,11 +86,21 @@ TEXTURE_AMPLITUDE = 12  # keeps every background channel within [180, 255]
 
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 64, 896, 4.0
 MIN_SHAPE_PX = 16
+# Shape scenes are at most 2:1 (enough for every tile grid of the default model) and their shapes are
+# large: 30-50% of the short side and at least 15% of the long one. A vision tower trained from scratch
+# reads objects that cover a good part of its patches far sooner: a probe on the ViT's tokens learned
+# which colours an image holds 8x sooner with shapes this size than with 15-40% of the short side
+# (attention pooling, 200 steps).
+SCENE_MAX_ASPECT = 2.0
+SHAPE_MIN_SHORT, SHAPE_MAX_SHORT, SHAPE_MIN_LONG = 0.3, 0.5, 0.15
 SHAPE_GAP_PX = 8  # free space around every shape, so shapes never touch and boxes never overlap
 # Text stays legible after the image is fitted into a tiling resolution (the default model's tiles
-# are 192 px with 16 px patches): one or two short lines of at least 20 px.
-OCR_MAX_LINES, OCR_MAX_TOKENS, OCR_FONT_PX = 2, 2, (20, 48)
-CHART_MAX_SIDE = 448  # so that bar values and labels stay legible too
+# are 192 px with 16 px patches, its largest resolution 384 px): text images are at most 384 px, so
+# tiling never shrinks them, with one or two short lines of 24-48 px letters; charts are at most
+# 384 px with labels and values of at least 14 px. (Larger images were shrunk up to 2.3x, to
+# letters narrower than half a patch, and the model trained on them never learned to read.)
+OCR_MAX_LINES, OCR_MAX_TOKENS, OCR_FONT_PX, OCR_MAX_SIDE = 2, 2, (24, 48), 384
+CHART_MAX_SIDE, CHART_FONT_PX, CHART_MAX_BARS = 384, (14, 28), 5
 
 _WORDS = (
     "apple", "river", "stone", "light", "green", "house", "paper", "cloud", "table", "music", "north",
@@ -225,8 +235,8 @@ def _place_regions(
 ) -> list[tuple[int, int, int]]:
     """Up to `count` non-overlapping square regions (left, top, size), SHAPE_GAP_PX apart."""
     short, long = min(width, height), max(width, height)
-    size_low = max(MIN_SHAPE_PX, math.ceil(0.08 * long), round(0.15 * short))
-    size_high = max(size_low, round(0.4 * short))
+    size_low = max(MIN_SHAPE_PX, math.ceil(SHAPE_MIN_LONG * long), round(SHAPE_MIN_SHORT * short))
+    size_high = max(size_low, round(SHAPE_MAX_SHORT * short))
     regions: list[tuple[int, int, int]] = []
     for _ in range(count * 60):
         if len(regions) == count:
@@ -249,7 +259,7 @@ def _apart(left: int, top: int, size: int, other: tuple[int, int, int]) -> bool:
 def _scene(rng: np.random.Generator, max_objects: int, unique_pairs: bool
            ) -> tuple[Image.Image, str, list[Shape]]:
     """A shapes image. With unique_pairs every (colour, kind) occurs once, so 'the red circle' is unique."""
-    width, height = _canvas_size(rng, _sample_aspect(rng, 1 / MAX_ASPECT, MAX_ASPECT))
+    width, height = _canvas_size(rng, _sample_aspect(rng, 1 / SCENE_MAX_ASPECT, SCENE_MAX_ASPECT))
     image, background = _background(rng, width, height)
     regions = _place_regions(rng, width, height, int(rng.integers(1, max_objects + 1)))
     colors, kinds = tuple(SHAPE_COLORS), SHAPE_KINDS
@@ -403,7 +413,7 @@ def _ocr_lines(rng: np.random.Generator, font: ImageFont.FreeTypeFont) -> list[s
     lines = []
     for _ in range(int(rng.integers(1, OCR_MAX_LINES + 1))):
         tokens = [_ocr_token(rng) for _ in range(int(rng.integers(1, OCR_MAX_TOKENS + 1)))]
-        while len(tokens) > 1 and font.getlength(" ".join(tokens)) > MAX_SIDE * 0.85:
+        while len(tokens) > 1 and font.getlength(" ".join(tokens)) > OCR_MAX_SIDE * 0.85:
             tokens.pop()
         lines.append(" ".join(tokens))
     return lines
@@ -413,7 +423,7 @@ def _make_ocr(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
     font_size = int(rng.integers(OCR_FONT_PX[0], OCR_FONT_PX[1] + 1))
     font = _font(font_size)
     lines = _ocr_lines(rng, font)
-    while font_size > OCR_FONT_PX[0] and max(font.getlength(line) for line in lines) > MAX_SIDE * 0.85:
+    while font_size > OCR_FONT_PX[0] and max(font.getlength(line) for line in lines) > OCR_MAX_SIDE * 0.85:
         font_size = max(OCR_FONT_PX[0], font_size * 3 // 4)
         font = _font(font_size)
     line_height = round(font_size * 1.3)
@@ -425,7 +435,7 @@ def _make_ocr(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
     # Pad the short side so the aspect ratio stays within 1:4 .. 4:1 and both sides >= MIN_SIDE.
     width, height = (max(width, MIN_SIDE, math.ceil(height / MAX_ASPECT)),
                      max(height, MIN_SIDE, math.ceil(width / MAX_ASPECT)))
-    width, height = min(width, MAX_SIDE), min(height, MAX_SIDE)
+    width, height = min(width, OCR_MAX_SIDE), min(height, OCR_MAX_SIDE)
     image, _ = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     left = int(rng.integers(pad, max(pad, width - text_w - pad) + 1))
@@ -461,11 +471,11 @@ def _nice_axis_max(value: int) -> tuple[int, int]:
 
 
 def _make_chart(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
-    count = int(rng.integers(3, 7))
+    count = int(rng.integers(3, CHART_MAX_BARS + 1))
     labels = _chart_labels(rng, count)
     top_value = int(rng.choice([10, 20, 50, 100, 200]))
     values = [int(v) for v in rng.integers(1, top_value + 1, size=count)]
-    width, height = _canvas_size(rng, _sample_aspect(rng, 0.5, 3.0), min_long=256, max_long=CHART_MAX_SIDE)
+    width, height = _canvas_size(rng, _sample_aspect(rng, 1.0, 3.0), min_long=256, max_long=CHART_MAX_SIDE)
     image = Image.new("RGB", (width, height), BACKGROUNDS["white"])
     _draw_bar_chart(image, labels, values, _BAR_COLORS[int(rng.integers(len(_BAR_COLORS)))])
     bars = [{"label": label, "value": value} for label, value in zip(labels, values, strict=True)]
@@ -484,10 +494,10 @@ def _chart_question(rng: np.random.Generator, labels: list[str], values: list[in
 
 
 def _chart_font(width: int, height: int, labels: list[str], axis_top: int) -> ImageFont.FreeTypeFont:
-    """The largest font up to 6 % of the short side whose widest label fits in 90 % of a bar slot."""
-    size = max(10, min(28, round(min(width, height) * 0.06)))
+    """The largest font up to 10 % of the short side whose widest label fits in 90 % of a bar slot."""
+    size = max(CHART_FONT_PX[0], min(CHART_FONT_PX[1], round(min(width, height) * 0.1)))
     widest = [*labels, str(axis_top)]
-    while size > 10:
+    while size > CHART_FONT_PX[0]:
         font = _font(size)
         slot = (width - 20 - font.getlength(str(axis_top))) / len(labels)
         if max(font.getlength(text) for text in widest) <= 0.9 * slot:
