@@ -164,7 +164,7 @@ class Engine:
         """`vision_tiles_per_step`: image tiles encoded per step (default 2 on CPU, 32 on GPU).
         CPU options for bfloat16/float16 models (None: on for such a model on a CPU; see dsvl2.engine.cpu):
         `float32_prefill` runs vision and prefill in float32: the vision tower and projector are converted
-        to float32 once (about 0.8 GB more for SigLIP-SO400M, and no weight upcast on every image),
+        to float32 once, in place (about 0.8 GB more for SigLIP-SO400M, and no weight upcast on every image),
         the language model's weights are upcast layer by layer;
         `pack_weights` replaces the language model's linear layers, in place, by FBGEMM packed float16
         layers (float32 compute, 16-bit weights) for fast decoding."""
