@@ -99,8 +99,10 @@ SHAPE_GAP_PX = 8  # free space around every shape, so shapes never touch and box
 # tiling never shrinks them, with one or two short lines of 24-48 px letters; charts are at most
 # 384 px with labels and values of at least 14 px. (Images of up to 896 px were shrunk up to 2.3x, to
 # letters narrower than half a patch.)
-OCR_MAX_LINES, OCR_MAX_TOKENS, OCR_FONT_PX, OCR_MAX_SIDE = 2, 2, (24, 48), 384
-CHART_MAX_SIDE, CHART_FONT_PX, CHART_MAX_BARS = 384, (14, 28), 5
+TEXT_MAX_SIDE = 384  # the longest side of text images and charts
+OCR_MAX_LINES, OCR_MAX_TOKENS, OCR_FONT_PX = 2, 2, (24, 48)
+OCR_MAX_LINE_PX = 0.85 * TEXT_MAX_SIDE
+CHART_FONT_PX, CHART_MAX_BARS = (14, 28), 5
 
 _WORDS = (
     "apple", "river", "stone", "light", "green", "house", "paper", "cloud", "table", "music", "north",
@@ -413,7 +415,7 @@ def _ocr_lines(rng: np.random.Generator, font: ImageFont.FreeTypeFont) -> list[s
     lines = []
     for _ in range(int(rng.integers(1, OCR_MAX_LINES + 1))):
         tokens = [_ocr_token(rng) for _ in range(int(rng.integers(1, OCR_MAX_TOKENS + 1)))]
-        while len(tokens) > 1 and font.getlength(" ".join(tokens)) > OCR_MAX_SIDE * 0.85:
+        while len(tokens) > 1 and font.getlength(" ".join(tokens)) > OCR_MAX_LINE_PX:
             tokens.pop()
         lines.append(" ".join(tokens))
     return lines
@@ -423,7 +425,7 @@ def _make_ocr(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
     font_size = int(rng.integers(OCR_FONT_PX[0], OCR_FONT_PX[1] + 1))
     font = _font(font_size)
     lines = _ocr_lines(rng, font)
-    while font_size > OCR_FONT_PX[0] and max(font.getlength(line) for line in lines) > OCR_MAX_SIDE * 0.85:
+    while font_size > OCR_FONT_PX[0] and max(font.getlength(line) for line in lines) > OCR_MAX_LINE_PX:
         font_size = max(OCR_FONT_PX[0], font_size * 3 // 4)
         font = _font(font_size)
     line_height = round(font_size * 1.3)
@@ -435,7 +437,7 @@ def _make_ocr(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
     # Pad the short side so the aspect ratio stays within 1:4 .. 4:1 and both sides >= MIN_SIDE.
     width, height = (max(width, MIN_SIDE, math.ceil(height / MAX_ASPECT)),
                      max(height, MIN_SIDE, math.ceil(width / MAX_ASPECT)))
-    width, height = min(width, OCR_MAX_SIDE), min(height, OCR_MAX_SIDE)
+    width, height = min(width, TEXT_MAX_SIDE), min(height, TEXT_MAX_SIDE)
     image, _ = _background(rng, width, height)
     draw = ImageDraw.Draw(image)
     left = int(rng.integers(pad, max(pad, width - text_w - pad) + 1))
@@ -475,7 +477,7 @@ def _make_chart(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image
     labels = _chart_labels(rng, count)
     top_value = int(rng.choice([10, 20, 50, 100, 200]))
     values = [int(v) for v in rng.integers(1, top_value + 1, size=count)]
-    width, height = _canvas_size(rng, _sample_aspect(rng, 1.0, 3.0), min_long=256, max_long=CHART_MAX_SIDE)
+    width, height = _canvas_size(rng, _sample_aspect(rng, 1.0, 3.0), min_long=256, max_long=TEXT_MAX_SIDE)
     image = Image.new("RGB", (width, height), BACKGROUNDS["white"])
     _draw_bar_chart(image, labels, values, _BAR_COLORS[int(rng.integers(len(_BAR_COLORS)))])
     bars = [{"label": label, "value": value} for label, value in zip(labels, values, strict=True)]
