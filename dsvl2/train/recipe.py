@@ -4,7 +4,7 @@ Every relative path in a recipe is taken relative to the folder of the YAML file
 and its data can move together. Unknown keys are errors (a typo must not silently fall back
 to a default), and every error names the offending key.
 
-    stage: sft                    # align | pretrain | sft
+    stage: sft                    # vision | align | pretrain | sft
     seed: 0
     model:
       checkpoint: ../ckpt/tiny    # start from these weights, or
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("align", "pretrain", "sft")
+STAGES = ("vision", "align", "pretrain", "sft")
 MODULE_GROUPS = ("vision", "projector", "language")
 DTYPES = ("float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")

@@ -189,6 +189,15 @@ def remove_stale_staging(output_dir: Path) -> None:
                 shutil.rmtree(path)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records of steps after the checkpoint, which the resumed run trains again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 class _NamedTensors:
     """A full state dict that `save_model` can write (it only calls `named_parameters`)."""
 
@@ -313,6 +322,9 @@ class Trainer:
     """Builds everything a recipe describes; `train()` runs the steps and returns their records."""
 
     def __init__(self, recipe: TrainRecipe, resume: bool = False) -> None:
+        if recipe.stage == "vision":
+            raise TrainError("stage vision trains on per-patch labels: run it with dsvl2.train.dense.VisionStage "
+                             "(`dsvl2 train` does)")
         self.recipe = recipe
         self.output_dir = Path(recipe.output.dir)
         self.dist = setup_distributed(recipe.training.device)
@@ -637,17 +649,9 @@ class Trainer:
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         if self.dist.is_main:
-            self._truncate_log(self.step)
+            truncate_log(self.output_dir / LOG_FILE, self.step)
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
-    def _truncate_log(self, step: int) -> None:
-        """Drop log records of steps after the checkpoint, which the resumed run trains again."""
-        path = self.output_dir / LOG_FILE
-        if not path.exists():
-            return
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -670,7 +674,12 @@ def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         recipe = load_recipe(args.config)
-        trainer = Trainer(recipe, resume=args.resume)
+        if recipe.stage == "vision":
+            from dsvl2.train.dense import VisionStage  # it builds on this module
+
+            trainer: Trainer | VisionStage = VisionStage(recipe, resume=args.resume)
+        else:
+            trainer = Trainer(recipe, resume=args.resume)
         history = trainer.train(stop_at=getattr(args, "stop_at", None))
     except (RecipeError, DataError, TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -678,7 +687,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if history and trainer.dist.is_main:
+    if history and (recipe.stage == "vision" or trainer.dist.is_main):
         last = history[-1]
         print(f"trained to step {last['step']}: loss {last['loss']:.4f}; checkpoints in {recipe.output.dir}")
     return 0

@@ -1,0 +1,276 @@
+"""Stage `vision`: the vision tower learns per-patch labels that the synthetic renderer knows.
+
+DeepSeek-VL2 starts from a pretrained SigLIP. A small tower trained from scratch inside the language
+model's loss never learns to say *where* things are: the language model reads image tokens through
+attention, which starts as a mean over them, and a mean keeps no position. Here every patch of every
+tile (global view and local tiles) is taught the colour and shape of the object under its centre and
+that object's box, in bins of the 0-999 grounding coordinates. The object tokens then carry their own
+box, and the language model has only to find them and copy it.
+
+Measured on the default model's geometry (192 px tiles, 16 px patches), with these labels on global views
+only: after 300 steps of 16 views, box bins were right for 34% of object patches with 2D sine-cosine
+position embeddings and 8% with learned ones initialised at 0.02 (chance 5%). A language model then
+trained for 600 steps on one-object grounding, with this tower frozen, placed 31% of held-out boxes at
+IoU >= 0.5; with the tower trained along, 3%; without this stage, 2-7%. On scenes of several shapes it
+has not helped yet (600 steps of counting and grounding: counting 0.36 and grounding 0.01-0.03, against
+0.45 and 0.04 without it): choosing *which* object the words name is the part still missing.
+
+Records are the synthetic generator's: an image and `objects` with `shape`, `color`, `box` (0-999)
+and `box_px`. Records without objects (text, OCR, charts) are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from dsvl2.checkpoint import save_model
+from dsvl2.processor import Processor
+from dsvl2.train.data import find_shards
+from dsvl2.train.recipe import TrainRecipe
+from dsvl2.train.stages import build_optimizer, build_scheduler, configure_stage
+from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS
+from dsvl2.train.trainer import (
+    CHECKPOINT_PREFIX,
+    LOG_FILE,
+    PROCESSOR_FILES,
+    STATE_FILE,
+    TrainError,
+    commit_checkpoint,
+    initial_model,
+    latest_checkpoint,
+    prune_checkpoints,
+    remove_stale_staging,
+    truncate_log,
+)
+from dsvl2.vision.tiling import pad_geometry, tile_counts
+
+logger = logging.getLogger(__name__)
+
+BOX_BINS = 20  # of the 0-999 grounding coordinates: 50 units, a tenth of the smallest shape's side at most
+IGNORE = -100
+COLOURS = tuple(SHAPE_COLORS)
+
+
+@dataclass(frozen=True)
+class PatchLabels:
+    """Per-patch targets of one image's tiles (global view first), each [tiles, patches(, 4)]:
+    colour and shape ids (0 = no object) and box bins (IGNORE where no object)."""
+
+    colour: torch.Tensor
+    shape: torch.Tensor
+    box: torch.Tensor
+
+
+def _view_patch_centres(tile_size: int, patch_size: int) -> list[float]:
+    grid = tile_size // patch_size
+    return [(i + 0.5) * patch_size for i in range(grid)]
+
+
+def patch_labels(objects: Sequence[dict[str, Any]], width: int, height: int, best_width: int, best_height: int,
+                 tile_size: int, patch_size: int) -> PatchLabels:
+    """Labels of every patch of the global view and the local tiles: the object whose pixel box holds
+    the patch centre, mapped back through the padding that `Processor.tile_image` applies."""
+    centres = _view_patch_centres(tile_size, patch_size)
+    views = [(pad_geometry(width, height, tile_size, tile_size), 0, 0)]
+    local = pad_geometry(width, height, best_width, best_height)
+    columns, rows = tile_counts(best_width, best_height, tile_size)
+    views += [(local, column * tile_size, row * tile_size) for row in range(rows) for column in range(columns)]
+    n = len(centres) ** 2
+    colour = torch.zeros(len(views), n, dtype=torch.long)
+    shape = torch.zeros(len(views), n, dtype=torch.long)
+    box = torch.full((len(views), n, 4), IGNORE, dtype=torch.long)
+    for v, (geometry, offset_x, offset_y) in enumerate(views):
+        if geometry.scaled_width == 0 or geometry.scaled_height == 0:
+            continue
+        sx, sy = width / geometry.scaled_width, height / geometry.scaled_height
+        for p, (cy, cx) in enumerate((cy, cx) for cy in centres for cx in centres):
+            x = (offset_x + cx - geometry.left) * sx
+            y = (offset_y + cy - geometry.top) * sy
+            for obj in objects:
+                x1, y1, x2, y2 = obj["box_px"]
+                if x1 <= x <= x2 and y1 <= y <= y2:
+                    colour[v, p] = 1 + COLOURS.index(obj["color"])
+                    shape[v, p] = 1 + SHAPE_KINDS.index(obj["shape"])
+                    box[v, p] = torch.tensor([min(BOX_BINS - 1, c * BOX_BINS // 1000) for c in obj["box"]])
+                    break
+    return PatchLabels(colour, shape, box)
+
+
+def sincos_position_table(grid: int, width: int) -> torch.Tensor:
+    """[grid*grid, width] fixed 2D sine-cosine codes (x in the first half, y in the second)."""
+    quarter = width // 4
+    frequencies = 1.0 / (100 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        angles = values.flatten()[:, None] * frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    table = torch.cat([encode(xs), encode(ys)], dim=-1)
+    return F.pad(table, (0, width - table.shape[1]))
+
+
+class PatchHeads(nn.Module):
+    """Linear read-outs of the vision tower's tokens; used by this stage only, never saved in the model."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.colour = nn.Linear(width, len(COLOURS) + 1)
+        self.shape = nn.Linear(width, len(SHAPE_KINDS) + 1)
+        self.box = nn.Linear(width, 4 * BOX_BINS)
+
+    def loss(self, features: torch.Tensor, labels: PatchLabels) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed cross-entropies, and the box-bin accuracy on object patches."""
+        box_logits = self.box(features).unflatten(-1, (4, BOX_BINS))
+        losses = (F.cross_entropy(self.colour(features).flatten(0, 1), labels.colour.flatten()),
+                  F.cross_entropy(self.shape(features).flatten(0, 1), labels.shape.flatten()),
+                  F.cross_entropy(box_logits.reshape(-1, BOX_BINS), labels.box.flatten(), ignore_index=IGNORE))
+        on_object = labels.box != IGNORE
+        hits = (box_logits.argmax(-1) == labels.box)[on_object]
+        return sum(losses), {"box_bin_accuracy": float(hits.float().mean()) if hits.numel() else 0.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    image: Path
+    objects: tuple[dict[str, Any], ...]
+
+
+def read_object_records(paths: Sequence[Path]) -> list[_Record]:
+    """Every record with an image and `objects` in the sources' JSON Lines files, in file order."""
+    records = []
+    for shard in find_shards(paths):
+        with shard.open(encoding="utf-8") as lines:
+            for line in lines:
+                record = json.loads(line) if line.strip() else {}
+                if record.get("objects") and record.get("images"):
+                    records.append(_Record(shard.parent / record["images"][0], tuple(record["objects"])))
+    return records
+
+
+class VisionStage:
+    """Trains the vision tower on `PatchLabels` with the recipe's optimiser, schedule and checkpoints.
+
+    A checkpoint is a whole model (what `align` starts from) plus the heads and optimiser state; the
+    micro-batch of step i depends only on the seed and i, so a resumed run sees the same data.
+    """
+
+    def __init__(self, recipe: TrainRecipe, resume: bool = False) -> None:
+        self.recipe = recipe
+        self.output_dir = Path(recipe.output.dir)
+        found = latest_checkpoint(self.output_dir)
+        if found is not None and not resume:
+            raise TrainError(f"{self.output_dir} already holds checkpoints (latest {found.name}); "
+                             "pass --resume to continue, or choose another output.dir")
+        remove_stale_staging(self.output_dir)
+        torch.manual_seed(recipe.seed)
+        self.model, self.model_config = initial_model(recipe, found)
+        if found is None and recipe.model.checkpoint is None:
+            cfg = self.model.cfg.vision
+            with torch.no_grad():
+                self.model.vision.pos_embed.copy_(sincos_position_table(cfg.grid, cfg.width)[None])
+        self.processor_source = Path(recipe.model.processor or recipe.model.checkpoint)
+        self.processor = Processor.from_pretrained(self.processor_source)
+        self.records = read_object_records([p for s in recipe.data.sources for p in s.paths])
+        if not self.records:
+            raise TrainError("stage vision: no record in data.sources has `objects` (synthetic shape scenes)")
+        self.heads = PatchHeads(self.model.cfg.vision.width)
+        groups = configure_stage(self.model, "vision", recipe.training.freeze)
+        groups["heads"] = list(self.heads.named_parameters())
+        self.optimizer = build_optimizer(groups, recipe.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, recipe.schedule, recipe.training.steps)
+        self.step = 0
+        if found is not None:
+            state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=True)
+            self.heads.load_state_dict(state["heads"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = state["step"]
+            truncate_log(self.output_dir / LOG_FILE, self.step)
+            logger.info("resumed from %s at step %d", found, self.step)
+
+    def micro_batch(self, step: int) -> tuple[torch.Tensor, PatchLabels]:
+        """Normalised tiles [N, 3, S, S] of the step's records and their labels."""
+        picks = random.Random(self.recipe.seed * 1_000_003 + step).sample(
+            range(len(self.records)), min(self.recipe.training.micro_batch_size, len(self.records)))
+        size, patch = self.processor.tile_size, self.processor.config.patch_size
+        tiles, labels = [], []
+        for index in picks:
+            record = self.records[index]
+            image = Image.open(record.image).convert("RGB")
+            best_width, best_height = self.processor.tile_grid(image.width, image.height)
+            tiles.append(self.processor.normalize(self.processor.tile_image(image).tiles))
+            labels.append(patch_labels(record.objects, image.width, image.height, best_width, best_height,
+                                       size, patch))
+        return torch.cat(tiles), PatchLabels(torch.cat([x.colour for x in labels]),
+                                             torch.cat([x.shape for x in labels]), torch.cat([x.box for x in labels]))
+
+    def train_step(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.model.train()
+        tiles, labels = self.micro_batch(self.step)
+        loss, metrics = self.heads.loss(self.model.vision(tiles), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        limit = self.recipe.training.max_grad_norm
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit if limit else math.inf))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": float(loss.detach()), "grad_norm": grad_norm,
+                "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                "tiles": int(tiles.shape[0]), "seconds": time.perf_counter() - start, **metrics}
+
+    def train(self, stop_at: int | None = None) -> list[dict[str, Any]]:
+        end = self.recipe.training.steps if stop_at is None else min(stop_at, self.recipe.training.steps)
+        history = []
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as log:
+            while self.step < end:
+                record = self.train_step()
+                history.append(record)
+                if self.step % self.recipe.output.log_every == 0 or self.step == end:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    logger.info("step %d/%d loss %.4f box bins %.3f", self.step, self.recipe.training.steps,
+                                record["loss"], record["box_bin_accuracy"])
+                if self.step % self.recipe.output.save_every == 0 or self.step == end:
+                    self.save_checkpoint()
+        return history
+
+    def save_checkpoint(self) -> Path:
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        staging = self.output_dir / f".tmp-{final.name}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        save_model(self.model, staging, self.model_config)
+        for name in PROCESSOR_FILES:
+            if (self.processor_source / name).is_file():
+                shutil.copyfile(self.processor_source / name, staging / name)
+        torch.save({"step": self.step, "recipe": self.recipe.raw, "heads": self.heads.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   staging / STATE_FILE)
+        commit_checkpoint(staging, final)
+        prune_checkpoints(self.output_dir, self.recipe.output.keep_last)
+        return final

@@ -1,0 +1,142 @@
+"""Stage `vision`: per-patch labels of synthetic scenes, and the stage's training, checkpoints and resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dsvl2.checkpoint import load_model
+from dsvl2.defaults import default_model_dir
+from dsvl2.processor import Processor
+from dsvl2.train.dense import COLOURS, IGNORE, VisionStage, patch_labels, sincos_position_table
+from dsvl2.train.recipe import load_recipe
+from dsvl2.train.synthetic import SHAPE_COLORS, generate_dataset
+from dsvl2.train.trainer import Trainer, TrainError, list_checkpoints, run
+
+RECIPE_MODEL = Path(__file__).resolve().parent.parent / "recipes" / "default" / "model.json"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    generate_dataset(root, 10, seed=11, tasks=["grounding", "counting", "ocr"])
+    return root
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+
+
+def test_labels_match_the_pixels_of_every_tile(scenes: Path) -> None:
+    """A patch whose centre pixel has a shape's colour is labelled with that colour, in the global view and
+    in every local tile: the label geometry follows the processor's padding and cutting."""
+    processor = Processor.from_pretrained(default_model_dir())
+    size, patch = processor.tile_size, processor.config.patch_size
+    checked = {"global": 0, "local": 0}
+    for record in _records(scenes):
+        if not record.get("objects"):
+            continue
+        image = Image.open(scenes / record["images"][0]).convert("RGB")
+        tiles = processor.tile_image(image).tiles.numpy()
+        labels = patch_labels(record["objects"], image.width, image.height,
+                              *processor.tile_grid(image.width, image.height), size, patch)
+        assert labels.colour.shape == (tiles.shape[0], (size // patch) ** 2)
+        centres = [int((i + 0.5) * patch) for i in range(size // patch)]
+        for view in range(tiles.shape[0]):
+            for index, (y, x) in enumerate((y, x) for y in centres for x in centres):
+                pixel = tiles[view, :, y, x].astype(int)
+                for colour, rgb in SHAPE_COLORS.items():
+                    if np.abs(pixel - np.array(rgb)).max() <= 2:
+                        assert COLOURS[labels.colour[view, index] - 1] == colour, (record["images"], view, index)
+                        assert (labels.box[view, index] != IGNORE).all()
+                        checked["global" if view == 0 else "local"] += 1
+        no_object = labels.colour == 0
+        assert (labels.shape[no_object] == 0).all() and (labels.box[no_object] == IGNORE).all()
+    assert checked["global"] > 20 and checked["local"] > 20
+
+
+def test_box_bins_are_the_objects_grounding_coordinates() -> None:
+    objects = [{"shape": "circle", "color": "red", "box": [0, 500, 999, 949], "box_px": [0, 100, 192, 190]}]
+    labels = patch_labels(objects, 192, 192, 192, 192, 192, 16)
+    on_object = labels.colour[0] > 0
+    assert on_object.any() and not on_object.all()
+    assert labels.box[0, on_object].unique(dim=0).tolist() == [[0, 10, 19, 18]]
+    assert (labels.shape[0, on_object] == 1).all()
+
+
+def test_sincos_table_gives_every_position_its_own_code() -> None:
+    table = sincos_position_table(12, 130)
+    assert table.shape == (144, 130)
+    assert torch.cdist(table, table).add(torch.eye(144) * 1e9).min() > 0.1
+    assert torch.equal(table, sincos_position_table(12, 130))
+
+
+def _raw(scenes: Path, out: str, steps: int = 4) -> dict:
+    return {
+        "stage": "vision", "seed": 3,
+        "model": {"config": str(RECIPE_MODEL), "processor": str(default_model_dir())},
+        "data": {"sources": [{"name": "scenes", "paths": [str(scenes)]}]},
+        "optimizer": {"lr": 2e-3, "weight_decay": 0.0},
+        "schedule": {"warmup_steps": 1},
+        "training": {"steps": steps, "micro_batch_size": 2},
+        "output": {"dir": out, "save_every": 100, "log_every": 1, "progress": False},
+    }
+
+
+def _yaml(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_stage_trains_only_the_vision_tower_and_resumes_exactly(scenes: Path, tmp_path: Path) -> None:
+    straight = VisionStage(load_recipe(_yaml(tmp_path / "straight.yaml", _raw(scenes, "straight"))))
+    fresh = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
+    grid = straight.model.cfg.vision.grid
+    assert torch.equal(fresh["vision.pos_embed"][0], sincos_position_table(grid, straight.model.cfg.vision.width))
+    history = straight.train()
+    trained = load_model(tmp_path / "straight" / "checkpoint-0000004")
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, fresh[n])}
+    assert changed == {n for n in fresh if n.startswith("vision.") and not n.startswith("vision.attn_pool.")}
+
+    path = _yaml(tmp_path / "interrupted.yaml", _raw(scenes, "interrupted"))
+    first = VisionStage(load_recipe(path)).train(stop_at=2)
+    assert [c.name for _, c in list_checkpoints(tmp_path / "interrupted")] == ["checkpoint-0000002"]
+    with pytest.raises(TrainError, match="pass --resume"):
+        VisionStage(load_recipe(path))
+    second = VisionStage(load_recipe(path), resume=True).train()
+    assert [r["loss"] for r in first + second] == pytest.approx([r["loss"] for r in history], abs=1e-6, rel=0)
+    resumed = load_model(tmp_path / "interrupted" / "checkpoint-0000004")
+    for (name, a), (_, b) in zip(trained.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    logged = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+
+
+def test_command_line_runs_the_stage_and_the_language_trainer_refuses_it(scenes: Path, tmp_path: Path) -> None:
+    path = _yaml(tmp_path / "vision.yaml", _raw(scenes, "out", steps=1))
+    assert run(argparse.Namespace(config=path, resume=False, stop_at=None)) == 0
+    assert (tmp_path / "out" / "checkpoint-0000001" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoint-0000001" / "tokenizer.json").is_file()
+    with pytest.raises(TrainError, match="stage vision"):
+        Trainer(load_recipe(path))
+
+
+def test_sources_without_scenes_are_refused(tmp_path: Path) -> None:
+    generate_dataset(tmp_path / "text", 4, seed=1, tasks=["ocr", "text"])
+    with pytest.raises(TrainError, match="objects"):
+        VisionStage(load_recipe(_yaml(tmp_path / "v.yaml", _raw(tmp_path / "text", "out"))))
