@@ -136,7 +136,11 @@ def test_command_line_runs_the_stage_and_the_language_trainer_refuses_it(scenes:
         Trainer(load_recipe(path))
 
 
-def test_sources_without_scenes_are_refused(tmp_path: Path) -> None:
+def test_sources_without_scenes_and_ignored_settings_are_refused(scenes: Path, tmp_path: Path) -> None:
     generate_dataset(tmp_path / "text", 4, seed=1, tasks=["ocr", "text"])
     with pytest.raises(TrainError, match="objects"):
         VisionStage(load_recipe(_yaml(tmp_path / "v.yaml", _raw(tmp_path / "text", "out"))))
+    raw = _raw(scenes, "out")
+    raw["training"]["grad_accum"] = 2
+    with pytest.raises(TrainError, match="training.grad_accum"):
+        VisionStage(load_recipe(_yaml(tmp_path / "accum.yaml", raw)))

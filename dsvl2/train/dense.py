@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -34,10 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from dsvl2.checkpoint import save_model
+from dsvl2.images import load_image
 from dsvl2.processor import Processor
 from dsvl2.train.data import find_shards
 from dsvl2.train.recipe import TrainRecipe
@@ -52,6 +53,7 @@ from dsvl2.train.trainer import (
     commit_checkpoint,
     initial_model,
     latest_checkpoint,
+    pick_device,
     prune_checkpoints,
     remove_stale_staging,
     truncate_log,
@@ -168,6 +170,18 @@ def read_object_records(paths: Sequence[Path]) -> list[_Record]:
     return records
 
 
+def _check_supported(recipe: TrainRecipe) -> None:
+    """This stage is small: one process, float32, one micro-batch per step. Refuse what it would ignore."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainError("stage vision runs in one process; start it without torchrun")
+    unsupported = {"training.grad_accum": (recipe.training.grad_accum, 1),
+                   "training.dtype": (recipe.training.dtype, "float32"),
+                   "training.activation_checkpointing": (recipe.training.activation_checkpointing, False)}
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise TrainError(f"stage vision supports only {key}: {supported!r}, the recipe has {value!r}")
+
+
 class VisionStage:
     """Trains the vision tower on `PatchLabels` with the recipe's optimiser, schedule and checkpoints.
 
@@ -176,7 +190,9 @@ class VisionStage:
     """
 
     def __init__(self, recipe: TrainRecipe, resume: bool = False) -> None:
+        _check_supported(recipe)
         self.recipe = recipe
+        self.device = pick_device(recipe.training.device, 0)
         self.output_dir = Path(recipe.output.dir)
         found = latest_checkpoint(self.output_dir)
         if found is not None and not resume:
@@ -194,14 +210,15 @@ class VisionStage:
         self.records = read_object_records([p for s in recipe.data.sources for p in s.paths])
         if not self.records:
             raise TrainError("stage vision: no record in data.sources has `objects` (synthetic shape scenes)")
-        self.heads = PatchHeads(self.model.cfg.vision.width)
+        self.model.to(self.device)
+        self.heads = PatchHeads(self.model.cfg.vision.width).to(self.device)
         groups = configure_stage(self.model, "vision", recipe.training.freeze)
         groups["heads"] = list(self.heads.named_parameters())
         self.optimizer = build_optimizer(groups, recipe.optimizer)
         self.scheduler = build_scheduler(self.optimizer, recipe.schedule, recipe.training.steps)
         self.step = 0
         if found is not None:
-            state = torch.load(found / STATE_FILE, map_location="cpu", weights_only=True)
+            state = torch.load(found / STATE_FILE, map_location=self.device, weights_only=True)
             self.heads.load_state_dict(state["heads"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -217,7 +234,7 @@ class VisionStage:
         tiles, labels = [], []
         for index in picks:
             record = self.records[index]
-            image = Image.open(record.image).convert("RGB")
+            image = load_image(record.image)
             best_width, best_height = self.processor.tile_grid(image.width, image.height)
             tiles.append(self.processor.normalize(self.processor.tile_image(image).tiles))
             labels.append(patch_labels(record.objects, image.width, image.height, best_width, best_height,
@@ -229,7 +246,8 @@ class VisionStage:
         start = time.perf_counter()
         self.model.train()
         tiles, labels = self.micro_batch(self.step)
-        loss, metrics = self.heads.loss(self.model.vision(tiles), labels)
+        labels = PatchLabels(*(t.to(self.device) for t in (labels.colour, labels.shape, labels.box)))
+        loss, metrics = self.heads.loss(self.model.vision(tiles.to(self.device)), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
