@@ -7,7 +7,6 @@ import json
 import sys
 
 import pytest
-import torch
 from conformance_data import conformance_dir, conformance_variants
 from PIL import Image
 from test_engine import ScriptedModel, expected_tokens, image_path, model_and_processor
@@ -17,15 +16,8 @@ from dsvl2.engine.generate import Engine, Request
 from dsvl2.engine.sampling import SamplingParams
 
 VARIANTS = conformance_variants()
-pytestmark = pytest.mark.skipif(not VARIANTS, reason=f"no conformance fixtures at {conformance_dir()}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not VARIANTS, reason=f"no conformance fixtures at {conformance_dir()}"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

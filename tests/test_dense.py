@@ -23,12 +23,7 @@ from dsvl2.train.trainer import Trainer, TrainError, list_checkpoints, run
 RECIPE_MODEL = Path(__file__).resolve().parent.parent / "recipes" / "default" / "model.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

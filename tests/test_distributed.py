@@ -64,15 +64,7 @@ def _some_rank_micro_batch_has_no_image(data: Path) -> bool:
     return any(sources[i:i + 2] == [1, 1] for i in range(0, len(sources), 2))
 
 
-@pytest.fixture
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_ddp_and_fsdp2_match_one_process(conf_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     generate_dataset(data / "vl", 4, seed=2, tasks=["grounding", "caption"])

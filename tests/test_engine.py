@@ -34,14 +34,7 @@ GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 pytestmark = pytest.mark.skipif(not VARIANTS, reason=f"no conformance fixtures at {conformance_dir()}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second OpenMP thread only adds synchronisation (and on a busy
-    machine, waiting for a core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @cache

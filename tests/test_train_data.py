@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dsvl2.processor import Processor
@@ -30,13 +29,7 @@ from dsvl2.train.synthetic import TASKS, generate_dataset
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: extra threads only add contention on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from dsvl2.train.stages import WarmupCosine, correction_bias_deltas, expert_coun
 from dsvl2.train.synthetic import generate_dataset
 from dsvl2.train.trainer import Trainer, TrainError, add_arguments, list_checkpoints, run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: extra threads only add contention on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
