@@ -235,10 +235,10 @@ class VisionStage:
         for index in picks:
             record = self.records[index]
             image = load_image(record.image)
-            best_width, best_height = self.processor.tile_grid(image.width, image.height)
-            tiles.append(self.processor.normalize(self.processor.tile_image(image).tiles))
-            labels.append(patch_labels(record.objects, image.width, image.height, best_width, best_height,
-                                       size, patch))
+            tiled = self.processor.tile_image(image)
+            tiles.append(self.processor.normalize(tiled.tiles))
+            labels.append(patch_labels(record.objects, image.width, image.height, tiled.num_width_tiles * size,
+                                       tiled.num_height_tiles * size, size, patch))
         return torch.cat(tiles), PatchLabels(torch.cat([x.colour for x in labels]),
                                              torch.cat([x.shape for x in labels]), torch.cat([x.box for x in labels]))
 
