@@ -12,7 +12,7 @@ from dsvl2.checkpoint import load_model
 from dsvl2.config import ConfigError, LanguageConfig, RopeScaling, model_config_from_dict
 from dsvl2.engine.cache import KVCache
 from dsvl2.language.attention import MultiHeadLatentAttention
-from dsvl2.language.moe import route
+from dsvl2.language.moe import MLP, route, run_experts
 from dsvl2.language.rope import inverse_frequencies, rotary_cos_sin, yarn_mscale
 from dsvl2.projector import pixel_shuffle
 
@@ -59,6 +59,21 @@ def test_greedy_route_picks_best_scores() -> None:
     weights, idx = route(scores, 2, "greedy")
     assert sorted(idx[0].tolist()) == [1, 3]
     assert sorted(weights[0].tolist()) == pytest.approx([0.5, 0.9])
+
+
+def test_run_experts_mixes_the_chosen_experts_for_one_token_and_for_many() -> None:
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(MLP(8, 4) for _ in range(5))
+    x = torch.randn(3, 8)
+    indices = torch.tensor([[4, 1], [1, 2], [0, 4]])
+    weights = torch.rand(3, 2)
+    expected = torch.stack([sum(weights[n, j] * experts[int(indices[n, j])](x[n]) for j in range(2))
+                            for n in range(3)])
+    with torch.no_grad():
+        together = run_experts(experts, x, weights, indices)
+        alone = torch.cat([run_experts(experts, x[n:n + 1], weights[n:n + 1], indices[n:n + 1]) for n in range(3)])
+    torch.testing.assert_close(together, expected)
+    torch.testing.assert_close(alone, expected)
 
 
 def test_group_limited_greedy_only_uses_best_groups() -> None:
