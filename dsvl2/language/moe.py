@@ -99,11 +99,6 @@ def run_experts(
 ) -> torch.Tensor:
     """Grouped execution: token-slots sorted by expert, one call per active expert on its rows."""
     n, k = indices.shape
-    if n == 1:
-        # One token (batch-1 decode): each chosen expert runs on it directly. Sorting and scattering
-        # cost more than the small matrix products here, and the sum below is the same.
-        outputs = torch.cat([experts[e](x).to(x.dtype) for e in indices[0].tolist()])
-        return (outputs[None].float() * weights[..., None]).sum(dim=1).to(x.dtype)
     flat = indices.view(-1)
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=len(experts)).tolist()
