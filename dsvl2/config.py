@@ -144,13 +144,14 @@ class ModelConfig:
     global_view_pos: str = "head"
 
     @property
+    def patches_per_token_side(self) -> int:
+        """The projector's pixel-shuffle ratio, or 1 for projectors that keep every patch."""
+        return self.projector.downsample_ratio if self.projector.projector_type == "downsample_mlp_gelu" else 1
+
+    @property
     def tokens_per_tile_side(self) -> int:
         """Tokens along one side of a tile after the projector's pixel shuffle."""
-        grid = self.vision.grid
-        if self.projector.projector_type == "downsample_mlp_gelu":
-            ratio = self.projector.downsample_ratio
-            return -(-grid // ratio)
-        return grid
+        return -(-self.vision.grid // self.patches_per_token_side)
 
 
 @dataclass(frozen=True)

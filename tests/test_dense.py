@@ -15,7 +15,8 @@ from PIL import Image
 from dsvl2.checkpoint import load_model
 from dsvl2.defaults import default_model_dir
 from dsvl2.processor import Processor
-from dsvl2.train.dense import COLOURS, IGNORE, VisionStage, patch_labels, sincos_position_table
+from dsvl2.projector import pixel_shuffle
+from dsvl2.train.dense import COLOURS, IGNORE, VisionStage, group_by_token, patch_labels, sincos_position_table
 from dsvl2.train.recipe import load_recipe
 from dsvl2.train.synthetic import SHAPE_COLORS, generate_dataset
 from dsvl2.train.trainer import Trainer, TrainError, list_checkpoints, run
@@ -74,6 +75,21 @@ def test_box_bins_are_the_objects_grounding_coordinates() -> None:
     assert (labels.shape[0, on_object] == 1).all()
 
 
+@pytest.mark.parametrize("grid", [12, 27])
+def test_token_groups_hold_the_patches_the_projector_merges(grid: int) -> None:
+    # Feed each patch's index through the projector's own pixel shuffle: the indices that land in a
+    # token are the patches whose labels that token must predict (27 pads the grid, as SigLIP's does).
+    index = torch.arange(grid * grid)
+    merged = pixel_shuffle((index + 1).float().view(1, grid * grid, 1), 2)[0].long() - 1  # -1 marks padding
+    grouped = group_by_token(index[None], grid, 2, -1)[0]
+    assert grouped.shape == merged.shape
+    for token_patches, shuffled in zip(grouped.tolist(), merged.tolist(), strict=True):
+        assert sorted(token_patches) == sorted(shuffled)
+    boxes = group_by_token(torch.zeros(1, grid * grid, 4, dtype=torch.long), grid, 2, IGNORE)
+    assert boxes.shape == (1, merged.shape[0], 4, 4)
+    assert int((boxes == IGNORE).any(-1).sum()) == merged.eq(-1).sum()
+
+
 def test_sincos_table_gives_every_position_its_own_code() -> None:
     table = sincos_position_table(12, 130)
     assert table.shape == (144, 130)
@@ -98,7 +114,7 @@ def _yaml(path: Path, raw: dict) -> Path:
     return path
 
 
-def test_stage_trains_only_the_vision_tower_and_resumes_exactly(scenes: Path, tmp_path: Path) -> None:
+def test_stage_trains_only_the_vision_tower_and_projector_and_resumes_exactly(scenes: Path, tmp_path: Path) -> None:
     straight = VisionStage(load_recipe(_yaml(tmp_path / "straight.yaml", _raw(scenes, "straight"))))
     fresh = {n: p.detach().clone() for n, p in straight.model.named_parameters()}
     grid = straight.model.cfg.vision.grid
@@ -106,7 +122,8 @@ def test_stage_trains_only_the_vision_tower_and_resumes_exactly(scenes: Path, tm
     history = straight.train()
     trained = load_model(tmp_path / "straight" / "checkpoint-0000004")
     changed = {n for n, p in trained.named_parameters() if not torch.equal(p, fresh[n])}
-    assert changed == {n for n in fresh if n.startswith("vision.") and not n.startswith("vision.attn_pool.")}
+    learns = ("vision.", "projector.")  # image_newline and view_seperator are not in a tile's tokens
+    assert changed == {n for n in fresh if n.startswith(learns) and not n.startswith("vision.attn_pool.")}
 
     path = _yaml(tmp_path / "interrupted.yaml", _raw(scenes, "interrupted"))
     first = VisionStage(load_recipe(path)).train(stop_at=2)

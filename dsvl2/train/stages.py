@@ -1,7 +1,8 @@
 """What each training stage trains, and the optimiser, schedule and MoE balance around it.
 
 Stages (DeepSeek-VL2 paper, section 4, after a `vision` stage of our own for towers trained from scratch):
-- `vision`: only the vision encoder learns, from per-patch labels of synthetic scenes (`dense.py`).
+- `vision`: only the vision encoder and the projector learn, from per-patch labels of synthetic scenes
+  (`dense.py`).
 - `align`: only the vision-language adaptor learns (projector, image_newline, view_seperator);
   the vision encoder and the language model are frozen.
 - `pretrain` and `sft`: every module learns.
@@ -29,7 +30,7 @@ from dsvl2.language.moe import MoE
 from dsvl2.model import DeepseekVL2
 from dsvl2.train.recipe import MODULE_GROUPS, STAGES, OptimizerSection, ScheduleSection
 
-STAGE_TRAINABLE = {"vision": ("vision",), "align": ("projector",), "pretrain": MODULE_GROUPS,
+STAGE_TRAINABLE = {"vision": ("vision", "projector"), "align": ("projector",), "pretrain": MODULE_GROUPS,
                    "sft": MODULE_GROUPS}
 _PROJECTOR_NAMES = ("projector.", "image_newline", "view_seperator")
 
