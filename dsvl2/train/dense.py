@@ -13,9 +13,9 @@ The labels sit on the projector's output, not on the tower's: measured on the de
 for 600 steps on one-object grounding, with tower and projector frozen, placed 68% of held-out boxes at
 IoU >= 0.5. With the same labels on the tower's patches and a fresh projector it placed 31%; without
 this stage, 2-7%. This stage itself, on the default recipe's data (every tile, 6 records per step, 1,200
-steps, 8 min on 2 CPU cores), gave 45%. Fresh towers start from 2D sine-cosine position embeddings (box bins right for 34%
-of object patches after 300 steps, against 8% with learned ones). On scenes of several shapes,
-choosing *which* object the words name still has to be learned by the language model.
+steps, 8 min on 2 CPU cores), gave 45%. Fresh towers start from 2D sine-cosine position embeddings
+(box bins right for 34% of object patches after 300 steps, against 8% with learned ones). On scenes of
+several shapes, choosing *which* object the words name still has to be learned by the language model.
 
 Records are the synthetic generator's: an image and `objects` with `shape`, `color`, `box` (0-999)
 and `box_px`. Records without objects (text, OCR, charts) are skipped.
