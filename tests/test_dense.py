@@ -156,3 +156,7 @@ def test_sources_without_scenes_and_ignored_settings_are_refused(scenes: Path, t
     raw["training"]["grad_accum"] = 2
     with pytest.raises(TrainError, match="training.grad_accum"):
         VisionStage(load_recipe(_yaml(tmp_path / "accum.yaml", raw)))
+    raw = _raw(scenes, "out")
+    raw["model"]["processor"] = str(tmp_path / "no-processor-here")
+    with pytest.raises(TrainError, match="cannot load the tokenizer and processor from .*no-processor-here"):
+        VisionStage(load_recipe(_yaml(tmp_path / "noproc.yaml", raw)))

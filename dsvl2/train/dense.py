@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,26 +38,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsvl2.checkpoint import save_model
 from dsvl2.images import load_image
-from dsvl2.processor import Processor
 from dsvl2.train.data import find_shards
 from dsvl2.train.recipe import TrainRecipe
 from dsvl2.train.stages import build_optimizer, build_scheduler, configure_stage
 from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS
 from dsvl2.train.trainer import (
-    CHECKPOINT_PREFIX,
     LOG_FILE,
-    PROCESSOR_FILES,
     STATE_FILE,
     TrainError,
-    commit_checkpoint,
     initial_model,
-    latest_checkpoint,
+    load_processor,
     pick_device,
-    prune_checkpoints,
     remove_stale_staging,
+    resumable_checkpoint,
     truncate_log,
+    write_checkpoint,
 )
 from dsvl2.vision.tiling import pad_geometry, tile_counts
 
@@ -217,10 +212,7 @@ class VisionStage:
         self.recipe = recipe
         self.device = pick_device(recipe.training.device, 0)
         self.output_dir = Path(recipe.output.dir)
-        found = latest_checkpoint(self.output_dir)
-        if found is not None and not resume:
-            raise TrainError(f"{self.output_dir} already holds checkpoints (latest {found.name}); "
-                             "pass --resume to continue, or choose another output.dir")
+        found = resumable_checkpoint(self.output_dir, resume)
         remove_stale_staging(self.output_dir)
         torch.manual_seed(recipe.seed)
         self.model, self.model_config = initial_model(recipe, found)
@@ -229,7 +221,7 @@ class VisionStage:
             with torch.no_grad():
                 self.model.vision.pos_embed.copy_(sincos_position_table(cfg.grid, cfg.width)[None])
         self.processor_source = Path(recipe.model.processor or recipe.model.checkpoint)
-        self.processor = Processor.from_pretrained(self.processor_source)
+        self.processor = load_processor(self.processor_source)
         self.records = read_object_records([p for s in recipe.data.sources for p in s.paths])
         if not self.records:
             raise TrainError("stage vision: no record in data.sources has `objects` (synthetic shape scenes)")
@@ -306,17 +298,7 @@ class VisionStage:
         return history
 
     def save_checkpoint(self) -> Path:
-        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
-        staging = self.output_dir / f".tmp-{final.name}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        save_model(self.model, staging, self.model_config)
-        for name in PROCESSOR_FILES:
-            if (self.processor_source / name).is_file():
-                shutil.copyfile(self.processor_source / name, staging / name)
-        torch.save({"step": self.step, "recipe": self.recipe.raw, "heads": self.heads.state_dict(),
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   staging / STATE_FILE)
-        commit_checkpoint(staging, final)
-        prune_checkpoints(self.output_dir, self.recipe.output.keep_last)
-        return final
+        state = {"step": self.step, "recipe": self.recipe.raw, "heads": self.heads.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return write_checkpoint(self.output_dir, self.step, self.model, self.model_config, self.processor_source,
+                                state, self.recipe.output.keep_last)

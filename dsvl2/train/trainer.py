@@ -198,6 +198,43 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+def resumable_checkpoint(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint a run in `output_dir` continues from; an error if one exists and `resume` is off."""
+    found = latest_checkpoint(output_dir)
+    if found is not None and not resume:
+        raise TrainError(f"{output_dir} already holds checkpoints (latest {found.name}); "
+                         "pass --resume to continue, or choose another output.dir")
+    if resume and found is None:
+        logger.info("no checkpoint in %s: starting from step 0", output_dir)
+    return found
+
+
+def load_processor(source: str | Path) -> Processor:
+    try:
+        return Processor.from_pretrained(source)
+    except (OSError, ConfigError, KeyError) as exc:
+        raise TrainError(f"cannot load the tokenizer and processor from {source}: {exc}") from exc
+
+
+def write_checkpoint(output_dir: Path, step: int, weights: Any, model_config: dict, processor_source: Path,
+                     state: dict[str, Any], keep_last: int) -> Path:
+    """Write `checkpoint-<step>` atomically: the weights in the released layout (anything with
+    `named_parameters`), the processor files of `processor_source`, and the training `state`."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    staging = output_dir / f".tmp-{final.name}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    save_model(weights, staging, model_config)
+    for name in PROCESSOR_FILES:
+        if (processor_source / name).is_file():
+            shutil.copyfile(processor_source / name, staging / name)
+    torch.save(state, staging / STATE_FILE)
+    commit_checkpoint(staging, final)
+    prune_checkpoints(output_dir, keep_last)
+    return final
+
+
 class _NamedTensors:
     """A full state dict that `save_model` can write (it only calls `named_parameters`)."""
 
@@ -362,23 +399,15 @@ class Trainer:
     # ----------------------------------------------------------------------------- setup
 
     def _resume_checkpoint(self, resume: bool) -> Path | None:
-        found = latest_checkpoint(self.output_dir)
-        if found is not None and not resume:
-            raise TrainError(f"{self.output_dir} already holds checkpoints (latest {found.name}); "
-                             "pass --resume to continue, or choose another output.dir")
+        found = resumable_checkpoint(self.output_dir, resume)
         if self.dist.is_main:
             remove_stale_staging(self.output_dir)
-        if resume and found is None:
-            logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
         return found
 
     def _processor(self) -> Processor:
         recipe = self.recipe
         source = recipe.model.processor or recipe.model.checkpoint
-        try:
-            processor = Processor.from_pretrained(source)
-        except (OSError, ConfigError, KeyError) as exc:
-            raise TrainError(f"cannot load the tokenizer and processor from {source}: {exc}") from exc
+        processor = load_processor(source)
         language = self.model.cfg.language
         if processor.tokenizer.vocab_size > language.vocab_size:
             raise TrainError(f"the tokenizer in {source} has {processor.tokenizer.vocab_size} tokens, "
@@ -612,22 +641,14 @@ class Trainer:
         rng_states = self.dist.gather(capture_rng())
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
         if self.dist.is_main:
-            staging = self.output_dir / f".tmp-{final.name}"
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
             weights = _NamedTensors(model_state) if model_state is not None else self.model
-            save_model(weights, staging, self.model_config)  # type: ignore[arg-type]
-            for name in PROCESSOR_FILES:
-                if (self.processor_source / name).is_file():
-                    shutil.copyfile(self.processor_source / name, staging / name)
-            torch.save({
+            state = {
                 "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
                 "recipe": self.recipe.raw, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "data": data_states, "rng": rng_states,
-            }, staging / STATE_FILE)
-            commit_checkpoint(staging, final)
-            prune_checkpoints(self.output_dir, self.recipe.output.keep_last)
+            }
+            write_checkpoint(self.output_dir, self.step, weights, self.model_config, self.processor_source, state,
+                             self.recipe.output.keep_last)
         self.dist.barrier()
         return final
 
