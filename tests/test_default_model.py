@@ -151,3 +151,18 @@ def _check_answer(record: dict, question: str, answer: str) -> None:
         assert values[answer] == pick(values.values())
     else:
         pytest.fail(f"unexpected question {question!r}")
+
+
+def test_recipe_stages_chain_from_vision_to_sft():
+    """Each stage of the committed recipe starts from the last checkpoint the stage before writes, and the
+    language-model stages keep the tower and projector that stage vision trained."""
+    from dsvl2.train.recipe import load_recipe
+
+    stages = [load_recipe(RECIPE / f"{name}.yaml") for name in ("vision", "align", "pretrain", "sft")]
+    assert [s.stage for s in stages] == ["vision", "align", "pretrain", "sft"]
+    assert stages[0].model.checkpoint is None and stages[0].model.config is not None
+    for before, after in zip(stages, stages[1:], strict=False):
+        expected = Path(before.output.dir) / f"checkpoint-{before.training.steps:07d}"
+        assert Path(after.model.checkpoint).resolve() == expected.resolve(), after.stage
+    for stage in stages[2:]:
+        assert set(stage.training.freeze) == {"vision", "projector"}

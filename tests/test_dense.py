@@ -16,9 +16,20 @@ from dsvl2.checkpoint import load_model
 from dsvl2.defaults import default_model_dir
 from dsvl2.processor import Processor
 from dsvl2.projector import pixel_shuffle
-from dsvl2.train.dense import COLOURS, IGNORE, VisionStage, group_by_token, patch_labels, sincos_position_table
+from dsvl2.train.dense import (
+    COLOURS,
+    IGNORE,
+    MAX_COUNT,
+    PAIRS,
+    VisionStage,
+    group_by_token,
+    patch_labels,
+    scene_labels,
+    sincos_position_table,
+    whole_image_views,
+)
 from dsvl2.train.recipe import load_recipe
-from dsvl2.train.synthetic import SHAPE_COLORS, generate_dataset
+from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, generate_dataset
 from dsvl2.train.trainer import Trainer, TrainError, list_checkpoints, run
 
 RECIPE_MODEL = Path(__file__).resolve().parent.parent / "recipes" / "default" / "model.json"
@@ -40,17 +51,19 @@ def _records(folder: Path) -> list[dict]:
 
 def test_labels_match_the_pixels_of_every_tile(scenes: Path) -> None:
     """A patch whose centre pixel has a shape's colour is labelled with that colour, in the global view and
-    in every local tile: the label geometry follows the processor's padding and cutting."""
+    in every local tile: the label geometry follows the processor's padding and cutting. Box bins are given
+    only where the view shows the whole image: the global view, or the local tile of a one-tile grid."""
     processor = Processor.from_pretrained(default_model_dir())
     size, patch = processor.tile_size, processor.config.patch_size
-    checked = {"global": 0, "local": 0}
+    checked = {"global": 0, "local": 0, "local, one-tile grid": 0}
     for record in _records(scenes):
         if not record.get("objects"):
             continue
         image = Image.open(scenes / record["images"][0]).convert("RGB")
         tiles = processor.tile_image(image).tiles.numpy()
-        labels = patch_labels(record["objects"], image.width, image.height,
-                              *processor.tile_grid(image.width, image.height), size, patch)
+        best_width, best_height = processor.tile_grid(image.width, image.height)
+        whole_image_views = 1 if (best_width, best_height) != (size, size) else 2
+        labels = patch_labels(record["objects"], image.width, image.height, best_width, best_height, size, patch)
         assert labels.colour.shape == (tiles.shape[0], (size // patch) ** 2)
         centres = [int((i + 0.5) * patch) for i in range(size // patch)]
         for view in range(tiles.shape[0]):
@@ -59,11 +72,12 @@ def test_labels_match_the_pixels_of_every_tile(scenes: Path) -> None:
                 for colour, rgb in SHAPE_COLORS.items():
                     if np.abs(pixel - np.array(rgb)).max() <= 2:
                         assert COLOURS[labels.colour[view, index] - 1] == colour, (record["images"], view, index)
-                        assert (labels.box[view, index] != IGNORE).all()
+                        assert (labels.box[view, index] != IGNORE).all() == (view < whole_image_views)
                         checked["global" if view == 0 else "local"] += 1
+                        checked["local, one-tile grid"] += view == 1 and whole_image_views == 2
         no_object = labels.colour == 0
         assert (labels.shape[no_object] == 0).all() and (labels.box[no_object] == IGNORE).all()
-    assert checked["global"] > 20 and checked["local"] > 20
+    assert checked["global"] > 20 and checked["local"] > 20 and checked["local, one-tile grid"] > 0
 
 
 def test_box_bins_are_the_objects_grounding_coordinates() -> None:
@@ -73,6 +87,25 @@ def test_box_bins_are_the_objects_grounding_coordinates() -> None:
     assert on_object.any() and not on_object.all()
     assert labels.box[0, on_object].unique(dim=0).tolist() == [[0, 10, 19, 18]]
     assert (labels.shape[0, on_object] == 1).all()
+
+
+def test_scene_labels_count_every_colour_kind_and_pair_and_box_the_unique_pairs() -> None:
+    def shape(colour: str, kind: str, box: list[int]) -> dict:
+        return {"color": colour, "shape": kind, "box": box, "box_px": box}
+
+    objects = [shape("red", "circle", [0, 0, 99, 99]), shape("red", "circle", [500, 500, 599, 599]),
+               shape("blue", "square", [100, 600, 349, 999])]
+    labels = scene_labels(objects, views=3, whole_image_views=1)
+    counts = dict(zip([*COLOURS, *SHAPE_KINDS, "all", *PAIRS], labels.counts[0].tolist(), strict=True))
+    assert (counts["red"], counts["blue"], counts["green"]) == (2, 1, 0)
+    assert (counts["circle"], counts["square"], counts["star"], counts["all"]) == (2, 1, 0, 3)
+    assert (counts[("red", "circle")], counts[("blue", "square")], counts[("red", "square")]) == (2, 1, 0)
+    pair_box = dict(zip(PAIRS, labels.pair_box[0].tolist(), strict=True))
+    assert pair_box[("blue", "square")] == [2, 12, 6, 19]
+    assert pair_box[("red", "circle")] == [IGNORE] * 4  # two of them: no single box to name
+    assert (labels.counts[1:] == IGNORE).all() and (labels.pair_box[1:] == IGNORE).all()
+    many = scene_labels([shape("red", "circle", [0, 0, 9, 9])] * 9, views=2, whole_image_views=2)
+    assert many.counts[1, COLOURS.index("red")] == MAX_COUNT
 
 
 @pytest.mark.parametrize("grid", [12, 27])
@@ -137,6 +170,25 @@ def test_stage_trains_only_the_vision_tower_and_projector_and_resumes_exactly(sc
         assert torch.allclose(a, b, atol=1e-6), name
     logged = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]
+
+
+def test_micro_batches_hold_only_the_views_that_show_the_whole_image(scenes: Path, tmp_path: Path) -> None:
+    stage = VisionStage(load_recipe(_yaml(tmp_path / "s.yaml", _raw(scenes, "out"))))
+    processor, size = stage.processor, stage.processor.tile_size
+    whole, cut = [], []
+    for record in stage.records:
+        image = Image.open(record.image).convert("RGB")
+        views = processor.normalize(processor.tile_image(image).tiles)
+        count = whole_image_views(*processor.tile_grid(image.width, image.height), size)
+        whole += list(views[:count])
+        cut += list(views[count:])
+    assert cut, "the scenes should include images cut into several tiles"
+    for step in range(8):
+        tiles, labels, scene = stage.micro_batch(step)
+        assert tiles.shape[0] == labels.colour.shape[0] == labels.box.shape[0] == scene.counts.shape[0]
+        assert (scene.counts != IGNORE).all()
+        for tile in tiles:
+            assert any(torch.equal(tile, view) for view in whole)
 
 
 def test_command_line_runs_the_stage_and_the_language_trainer_refuses_it(scenes: Path, tmp_path: Path) -> None:
