@@ -62,7 +62,7 @@ def test_labels_match_the_pixels_of_every_tile(scenes: Path) -> None:
         image = Image.open(scenes / record["images"][0]).convert("RGB")
         tiles = processor.tile_image(image).tiles.numpy()
         best_width, best_height = processor.tile_grid(image.width, image.height)
-        whole_image_views = 1 if (best_width, best_height) != (size, size) else 2
+        views_with_boxes = 1 if (best_width, best_height) != (size, size) else 2
         labels = patch_labels(record["objects"], image.width, image.height, best_width, best_height, size, patch)
         assert labels.colour.shape == (tiles.shape[0], (size // patch) ** 2)
         centres = [int((i + 0.5) * patch) for i in range(size // patch)]
@@ -72,9 +72,9 @@ def test_labels_match_the_pixels_of_every_tile(scenes: Path) -> None:
                 for colour, rgb in SHAPE_COLORS.items():
                     if np.abs(pixel - np.array(rgb)).max() <= 2:
                         assert COLOURS[labels.colour[view, index] - 1] == colour, (record["images"], view, index)
-                        assert (labels.box[view, index] != IGNORE).all() == (view < whole_image_views)
+                        assert (labels.box[view, index] != IGNORE).all() == (view < views_with_boxes)
                         checked["global" if view == 0 else "local"] += 1
-                        checked["local, one-tile grid"] += view == 1 and whole_image_views == 2
+                        checked["local, one-tile grid"] += view == 1 and views_with_boxes == 2
         no_object = labels.colour == 0
         assert (labels.shape[no_object] == 0).all() and (labels.box[no_object] == IGNORE).all()
     assert checked["global"] > 20 and checked["local"] > 20 and checked["local, one-tile grid"] > 0
@@ -95,7 +95,7 @@ def test_scene_labels_count_every_colour_kind_and_pair_and_box_the_unique_pairs(
 
     objects = [shape("red", "circle", [0, 0, 99, 99]), shape("red", "circle", [500, 500, 599, 599]),
                shape("blue", "square", [100, 600, 349, 999])]
-    labels = scene_labels(objects, views=3, whole_image_views=1)
+    labels = scene_labels(objects, views=3, whole_views=1)
     counts = dict(zip([*COLOURS, *SHAPE_KINDS, "all", *PAIRS], labels.counts[0].tolist(), strict=True))
     assert (counts["red"], counts["blue"], counts["green"]) == (2, 1, 0)
     assert (counts["circle"], counts["square"], counts["star"], counts["all"]) == (2, 1, 0, 3)
@@ -104,7 +104,7 @@ def test_scene_labels_count_every_colour_kind_and_pair_and_box_the_unique_pairs(
     assert pair_box[("blue", "square")] == [2, 12, 6, 19]
     assert pair_box[("red", "circle")] == [IGNORE] * 4  # two of them: no single box to name
     assert (labels.counts[1:] == IGNORE).all() and (labels.pair_box[1:] == IGNORE).all()
-    many = scene_labels([shape("red", "circle", [0, 0, 9, 9])] * 9, views=2, whole_image_views=2)
+    many = scene_labels([shape("red", "circle", [0, 0, 9, 9])] * 9, views=2, whole_views=2)
     assert many.counts[1, COLOURS.index("red")] == MAX_COUNT
 
 

@@ -134,19 +134,19 @@ def patch_labels(objects: Sequence[dict[str, Any]], width: int, height: int, bes
     return PatchLabels(colour, shape, box)
 
 
-def scene_labels(objects: Sequence[dict[str, Any]], views: int, whole_image_views: int) -> SceneLabels:
-    """`SceneLabels` of an image cut into `views` tiles of which the first `whole_image_views` show it all
+def scene_labels(objects: Sequence[dict[str, Any]], views: int, whole_views: int) -> SceneLabels:
+    """`SceneLabels` of an image cut into `views` tiles of which the first `whole_views` show it all
     (the global view, and the local tile when the grid has one)."""
     colours = [sum(o["color"] == c for o in objects) for c in COLOURS]
     kinds = [sum(o["shape"] == k for o in objects) for k in SHAPE_KINDS]
     pairs = [sum((o["color"], o["shape"]) == pair for o in objects) for pair in PAIRS]
     counts = torch.full((views, len(colours) + len(kinds) + 1 + len(pairs)), IGNORE, dtype=torch.long)
-    counts[:whole_image_views] = torch.tensor([*colours, *kinds, len(objects), *pairs]).clamp(max=MAX_COUNT)
+    counts[:whole_views] = torch.tensor([*colours, *kinds, len(objects), *pairs]).clamp(max=MAX_COUNT)
     pair_box = torch.full((views, len(PAIRS), 4), IGNORE, dtype=torch.long)
     for obj in objects:
         index = PAIRS.index((obj["color"], obj["shape"]))
         if pairs[index] == 1:
-            pair_box[:whole_image_views, index] = torch.tensor(_box_bins(obj["box"]))
+            pair_box[:whole_views, index] = torch.tensor(_box_bins(obj["box"]))
     return SceneLabels(counts, pair_box)
 
 
