@@ -321,6 +321,32 @@ def test_ocr_text_is_drawn_inside_the_image(dataset: tuple[Path, dict[str, int]]
         assert not (ink[0].any() or ink[-1].any() or ink[:, 0].any() or ink[:, -1].any()), "text is clipped"
 
 
+def test_character_boxes_cover_the_ink_of_every_character(dataset: tuple[Path, dict[str, int]],
+                                                           records: list[dict]) -> None:
+    """`chars` place every drawn character (the positions a per-character label would need): each box
+    holds ink, every ink pixel of an OCR image lies in a box, and the boxes spell the drawn strings."""
+    folder, _ = dataset
+    texts = [r for r in records if r["task"] in ("ocr", "chart")]
+    assert {r["task"] for r in texts} == {"ocr", "chart"}
+    for record in texts:
+        pixels = _load_rgb(folder, record).astype(int)
+        covered = np.zeros(pixels.shape[:2], dtype=bool)
+        strings: dict[int, str] = {}
+        for character, x1, y1, x2, y2, line in record["chars"]:
+            if character != " ":
+                assert (pixels[max(y1, 0):y2, max(x1, 0):x2].max(-1) <= 100).any(), (record["images"], character)
+            covered[max(y1 - 2, 0):y2 + 2, max(x1 - 2, 0):x2 + 2] = True
+            strings[line] = strings.get(line, "") + character
+        if record["task"] == "ocr":  # charts also draw dark bars, so only OCR images are all text
+            assert covered[pixels.max(-1) <= 100].all(), record["images"]
+            assert list(strings.values()) == record["lines"]
+        else:
+            assert {str(b["value"]) for b in record["bars"]} | {b["label"] for b in record["bars"]} <= set(
+                strings.values())
+            columns = [b["column_px"] for b in record["bars"]]
+            assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(columns, columns[1:], strict=False))
+
+
 # ---------------------------------------------------------------- arguments and CLI
 
 

@@ -12,9 +12,13 @@ Image paths in a record are relative to OUT. A visual record looks like
 
 and carries `answers` (for the eval metrics in dsvl2.eval.metrics, whose registry keys equal the task
 names), `image_size` [width, height], and task metadata (`objects`, `box`, `boxes`, `query`, `bars`,
-`lines`) from which every answer can be re-derived. Boxes are [x1, y1, x2, y2] on the 0..999 grid,
-x = round(px / width * 999), where (x1, y1) is the top-left pixel of the shape and (x2, y2) the pixel just
-past its bottom-right corner; `box_px` gives the same box in pixels.
+`lines`) from which every answer can be re-derived. OCR and chart records also place every drawn
+character (`chars`: [character, x1, y1, x2, y2, string index] in pixels, see `char_boxes`), and each bar
+gives its slot `column_px` [x1, x2), for labels that need positions.
+
+Boxes are [x1, y1, x2, y2] on the 0..999 grid, x = round(px / width * 999), where (x1, y1) is the top-left
+pixel of the shape and (x2, y2) the pixel just past its bottom-right corner; `box_px` gives the same box in
+pixels.
 
 Tasks: grounding, grounded_caption, counting, ocr, chart, caption (all with one image) and text (no
 image; in the train split some are plain `{"text": ..., "task": "text"}` records).
@@ -443,11 +447,28 @@ def _make_ocr(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image]:
     left = int(rng.integers(pad, max(pad, width - text_w - pad) + 1))
     top = int(rng.integers(pad, max(pad, height - text_h - pad) + 1))
     ink = tuple(int(v) for v in rng.integers(0, 70, size=3))
+    chars = []
     for i, line in enumerate(lines):
         draw.text((left, top + i * line_height), line, font=font, fill=ink)
+        chars += char_boxes(font, line, left, top + i * line_height, "la", i)
     answer = "\n".join(lines)
     return _visual_record("ocr", "Read the text in the image.", answer, image, lines=lines,
-                          font_size=font_size)
+                          font_size=font_size, chars=chars)
+
+
+def char_boxes(font: ImageFont.FreeTypeFont, text: str, x: float, y: float, anchor: str, line: int
+               ) -> list[list]:
+    """[character, x1, y1, x2, y2, line] of every character of `text` drawn at (x, y) with `anchor`: its
+    advance span horizontally and the text's ink box vertically, in whole pixels. `line` numbers the
+    drawn strings so that a reader can order characters (by line, then x)."""
+    length = font.getlength(text)
+    origin = x - {"l": 0.0, "m": length / 2, "r": length}[anchor[0]]
+    _, top, _, bottom = font.getbbox(text, anchor=anchor)
+    boxes = []
+    for i, character in enumerate(text):
+        x1, x2 = origin + font.getlength(text[:i]), origin + font.getlength(text[:i + 1])
+        boxes.append([character, math.floor(x1), math.floor(y + top), math.ceil(x2), math.ceil(y + bottom), line])
+    return boxes
 
 
 # ---------------------------------------------------------------- charts
@@ -479,10 +500,11 @@ def _make_chart(rng: np.random.Generator, split: str) -> tuple[dict, Image.Image
     values = [int(v) for v in rng.integers(1, top_value + 1, size=count)]
     width, height = _canvas_size(rng, _sample_aspect(rng, 1.0, 3.0), min_long=256, max_long=TEXT_MAX_SIDE)
     image = Image.new("RGB", (width, height), BACKGROUNDS["white"])
-    _draw_bar_chart(image, labels, values, _BAR_COLORS[int(rng.integers(len(_BAR_COLORS)))])
-    bars = [{"label": label, "value": value} for label, value in zip(labels, values, strict=True)]
+    chars, columns = _draw_bar_chart(image, labels, values, _BAR_COLORS[int(rng.integers(len(_BAR_COLORS)))])
+    bars = [{"label": label, "value": value, "column_px": column}
+            for label, value, column in zip(labels, values, columns, strict=True)]
     question, answer = _chart_question(rng, labels, values)
-    return _visual_record("chart", question, answer, image, bars=bars)
+    return _visual_record("chart", question, answer, image, bars=bars, chars=chars)
 
 
 def _chart_question(rng: np.random.Generator, labels: list[str], values: list[int]) -> tuple[str, str]:
@@ -509,7 +531,8 @@ def _chart_font(width: int, height: int, labels: list[str], axis_top: int) -> Im
 
 
 def _draw_bar_chart(image: Image.Image, labels: list[str], values: list[int], bar_color: tuple[int, int, int]
-                    ) -> None:
+                    ) -> tuple[list[list], list[list[int]]]:
+    """Draw the chart; return the `char_boxes` of all its text and each bar's slot [x1, x2) in pixels."""
     width, height = image.size
     axis_top, step = _nice_axis_max(max(values))
     font = _chart_font(width, height, labels, axis_top)
@@ -520,18 +543,27 @@ def _draw_bar_chart(image: Image.Image, labels: list[str], values: list[int], ba
     ink = (40, 40, 40)
     draw.line([(left, plot_top), (left, plot_bottom), (plot_right, plot_bottom)], fill=ink, width=2)
     scale = (plot_bottom - plot_top) / axis_top
+    chars: list[list] = []
+
+    def text(x: float, y: float, string: str, anchor: str) -> None:
+        draw.text((x, y), string, font=font, fill=ink, anchor=anchor)
+        chars.extend(char_boxes(font, string, x, y, anchor, len({c[5] for c in chars})))
+
     for tick in range(0, axis_top + 1, step):
         y = plot_bottom - tick * scale
         draw.line([(left - 5, y), (left, y)], fill=ink, width=1)
-        draw.text((left - 7, y), str(tick), font=font, fill=ink, anchor="rm")
+        text(left - 7, y, str(tick), "rm")
     slot = (plot_right - left) / len(values)
+    columns = []
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         centre = left + slot * (i + 0.5)
         half = slot * 0.3
         bar_top = min(plot_bottom - value * scale, plot_bottom - 1)  # a tiny value still gets a 1 px bar
         draw.rectangle([centre - half, bar_top, centre + half, plot_bottom - 1], fill=bar_color)
-        draw.text((centre, bar_top - 3), str(value), font=font, fill=ink, anchor="mb")
-        draw.text((centre, plot_bottom + 5), label, font=font, fill=ink, anchor="mt")
+        text(centre, bar_top - 3, str(value), "mb")
+        text(centre, plot_bottom + 5, label, "mt")
+        columns.append([round(left + slot * i), round(left + slot * (i + 1))])
+    return chars, columns
 
 
 # ---------------------------------------------------------------- text only
