@@ -73,10 +73,6 @@ IGNORE = -100
 COLOURS = tuple(SHAPE_COLORS)
 PAIRS = tuple((colour, kind) for colour in COLOURS for kind in SHAPE_KINDS)
 MAX_COUNT = 7  # the most shapes a synthetic scene holds
-# The shape of the object under a patch is learnt last (held-out patch accuracy after 600 steps of the
-# default recipe: colour 0.81, shape 0.21) though grounding and counting need it as much as colour. Weighting
-# its loss 4x gave 0.29; with the learning rate tripled as well (recipes/default/vision.yaml), 0.45.
-KIND_WEIGHT = 4.0
 
 
 @dataclass(frozen=True)
@@ -220,7 +216,7 @@ class TokenHeads(nn.Module):
         per_token = tokens.shape[1]
         count_labels = scene.counts[:, None].expand(-1, per_token, -1)
         losses = (F.cross_entropy(colour.flatten(0, 2), labels.colour.flatten()),
-                  KIND_WEIGHT * F.cross_entropy(shape.flatten(0, 2), labels.shape.flatten()),
+                  F.cross_entropy(shape.flatten(0, 2), labels.shape.flatten()),
                   _masked_cross_entropy(box.reshape(-1, BOX_BINS), labels.box.flatten()),
                   _masked_cross_entropy(counts.flatten(0, 2), count_labels.flatten()),
                   _masked_cross_entropy(pair_box.flatten(0, 2),
