@@ -544,10 +544,12 @@ def _draw_bar_chart(image: Image.Image, labels: list[str], values: list[int], ba
     draw.line([(left, plot_top), (left, plot_bottom), (plot_right, plot_bottom)], fill=ink, width=2)
     scale = (plot_bottom - plot_top) / axis_top
     chars: list[list] = []
+    strings: list[str] = []
 
     def text(x: float, y: float, string: str, anchor: str) -> None:
         draw.text((x, y), string, font=font, fill=ink, anchor=anchor)
-        chars.extend(char_boxes(font, string, x, y, anchor, len({c[5] for c in chars})))
+        chars.extend(char_boxes(font, string, x, y, anchor, len(strings)))
+        strings.append(string)
 
     for tick in range(0, axis_top + 1, step):
         y = plot_bottom - tick * scale
