@@ -464,11 +464,9 @@ def char_boxes(font: ImageFont.FreeTypeFont, text: str, x: float, y: float, anch
     length = font.getlength(text)
     origin = x - {"l": 0.0, "m": length / 2, "r": length}[anchor[0]]
     _, top, _, bottom = font.getbbox(text, anchor=anchor)
-    boxes = []
-    for i, character in enumerate(text):
-        x1, x2 = origin + font.getlength(text[:i]), origin + font.getlength(text[:i + 1])
-        boxes.append([character, math.floor(x1), math.floor(y + top), math.ceil(x2), math.ceil(y + bottom), line])
-    return boxes
+    edges = [origin + font.getlength(text[:i]) for i in range(len(text) + 1)]
+    return [[character, math.floor(x1), math.floor(y + top), math.ceil(x2), math.ceil(y + bottom), line]
+            for character, x1, x2 in zip(text, edges, edges[1:], strict=False)]
 
 
 # ---------------------------------------------------------------- charts
