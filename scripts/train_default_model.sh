@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the bundled default model end to end with the dsvl2 pipeline:
-#   synthetic data -> tokenizer + multi-turn records -> dsvl2 train (vision, align, pretrain, sft)
+#   synthetic data -> tokenizer + multi-turn records -> dsvl2 train (vision, align, warmup, pretrain, sft)
 #   -> dsvl2 eval on held-out data -> dsvl2/assets/default_model/
 # Usage: scripts/train_default_model.sh [--no-install]   (PYTHON=... to pick the interpreter)
 # Everything is written under runs/default/ (git-ignored); stage timings go to runs/default/timings.txt.
@@ -33,7 +33,7 @@ timed() {  # timed NAME COMMAND...: run it and append its wall time to timings.t
 
 last_checkpoint() { ls -d "$1"/checkpoint-* | sort | tail -1; }
 
-if [[ -d "$RUN/vision" || -d "$RUN/align" || -d "$RUN/pretrain" || -d "$RUN/sft" ]]; then
+if [[ -d "$RUN/vision" || -d "$RUN/align" || -d "$RUN/warmup" || -d "$RUN/pretrain" || -d "$RUN/sft" ]]; then
     echo "error: $RUN already holds training runs; remove them (rm -rf $RUN) to retrain" >&2
     exit 1
 fi
@@ -48,11 +48,15 @@ make_data() {  # the three datasets at once (image drawing is single-threaded)
     return "$failed"
 }
 timed data make_data
-timed prepare "$PYTHON" "$RECIPE/prepare.py" --data "$RUN/data/train.jsonl" --tokenizer-out "$RUN/base" \
-    --train-out "$RUN/data/train_mt.jsonl"
-"$PYTHON" "$RECIPE/prepare.py" --data "$RUN/data_focus/train.jsonl" --train-out "$RUN/data_focus/train_mt.jsonl"
+prepare() {  # prepare DIR [--tokenizer-out BASE]: multi-turn records and the grounding parts of them
+    local dir="$1"; shift
+    "$PYTHON" "$RECIPE/prepare.py" --data "$dir/train.jsonl" --train-out "$dir/train_mt.jsonl" \
+        --grounding-out "$dir/train_mt_grounding.jsonl" --one-object-out "$dir/train_mt_one_object.jsonl" "$@"
+}
+timed prepare prepare "$RUN/data" --tokenizer-out "$RUN/base"
+prepare "$RUN/data_focus"
 
-for stage in vision align pretrain sft; do
+for stage in vision align warmup pretrain sft; do
     timed "$stage" "$PYTHON" -m dsvl2.train.trainer "$RECIPE/$stage.yaml"
 done
 

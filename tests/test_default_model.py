@@ -153,13 +153,34 @@ def _check_answer(record: dict, question: str, answer: str) -> None:
         pytest.fail(f"unexpected question {question!r}")
 
 
+def test_recipe_grounding_parts_are_the_grounding_scenes_of_the_multi_turn_file(tmp_path):
+    """prepare.py's grounding files hold exactly the multi-turn records of grounding and grounded-caption
+    scenes (one-shape scenes only for --one-object-out), as written in the full file."""
+    prepare = _load_prepare()
+    generate_dataset(tmp_path, 60, seed=2, split="train",
+                     tasks=["grounding", "grounded_caption", "counting", "ocr"])
+    out = {name: tmp_path / f"{name}.jsonl" for name in ("all", "grounding", "one")}
+    assert prepare.main(["--data", str(tmp_path / "train.jsonl"), "--train-out", str(out["all"]),
+                         "--grounding-out", str(out["grounding"]), "--one-object-out", str(out["one"])]) == 0
+    read = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in out.items()}
+    grounding = [r for r in read["all"] if r["task"] in ("grounding", "grounded_caption")]
+    assert read["grounding"] == grounding and len(grounding) < len(read["all"])
+    assert read["one"] == [r for r in grounding if len(r["objects"]) == 1] and read["one"]
+    assert any(len(r["objects"]) > 1 for r in read["grounding"])
+    with pytest.raises(SystemExit):
+        prepare.main(["--data", str(tmp_path / "train.jsonl"), "--one-object-out", str(out["one"])])
+
+
 def test_recipe_stages_chain_from_vision_to_sft():
     """Each stage of the committed recipe starts from the last checkpoint the stage before writes, and the
     language-model stages keep the tower and projector that stage vision trained."""
     from dsvl2.train.recipe import load_recipe
 
-    stages = [load_recipe(RECIPE / f"{name}.yaml") for name in ("vision", "align", "pretrain", "sft")]
-    assert [s.stage for s in stages] == ["vision", "align", "pretrain", "sft"]
+    names = ("vision", "align", "warmup", "pretrain", "sft")
+    stages = [load_recipe(RECIPE / f"{name}.yaml") for name in names]
+    assert [s.stage for s in stages] == ["vision", "align", "pretrain", "pretrain", "sft"]
+    script = (RECIPE.parent.parent / "scripts" / "train_default_model.sh").read_text()
+    assert f"for stage in {' '.join(names)}; do" in script
     assert stages[0].model.checkpoint is None and stages[0].model.config is not None
     for before, after in zip(stages, stages[1:], strict=False):
         expected = Path(before.output.dir) / f"checkpoint-{before.training.steps:07d}"

@@ -1,6 +1,7 @@
 """Make the inputs of the default model's training run: its tokenizer folder and multi-turn training data.
 
-    python recipes/default/prepare.py --data DATA/train.jsonl --tokenizer-out BASE --train-out DATA/train_mt.jsonl
+    python recipes/default/prepare.py --data DATA/train.jsonl --tokenizer-out BASE --train-out DATA/train_mt.jsonl \
+        [--grounding-out DATA/train_mt_grounding.jsonl] [--one-object-out DATA/train_mt_one_object.jsonl]
 
 - BASE gets tokenizer.json, tokenizer_config.json, special_tokens_map.json, processor_config.json and
   config.json (a copy of model.json next to this file) in the released layout; the first stage builds
@@ -12,6 +13,9 @@
   picture derived from the record's metadata (the other objects' boxes, other counts, the other bars).
   Encoding a picture is most of the cost of a training sample on a CPU, so every extra answer about an
   already encoded picture is nearly free supervision.
+- The grounding parts are the multi-turn records of grounding and grounded-caption scenes, and of those the
+  scenes of one shape: the recipe's warm-up stage reads boxes on one-shape scenes first, and the stages
+  after it draw half of their samples from grounding scenes.
 """
 
 from __future__ import annotations
@@ -227,16 +231,24 @@ def multi_turn(record: dict, rng: random.Random, max_extra: int = MAX_EXTRA_TURN
     return {**record, "messages": messages}
 
 
-def write_multi_turn(records: list[dict], out: Path, seed: int) -> int:
-    """Write the expanded records; returns the number of answers."""
+def write_multi_turn(records: list[dict], out: Path, seed: int) -> list[dict]:
+    """Write the expanded records; returns them."""
     rng = random.Random(seed)
-    answers = 0
+    expanded = [multi_turn(record, rng) for record in records]
+    write_jsonl(expanded, out)
+    return expanded
+
+
+def write_jsonl(records: list[dict], out: Path) -> None:
     with out.open("w", encoding="utf-8", newline="\n") as lines:
         for record in records:
-            expanded = multi_turn(record, rng)
-            answers += sum(m["role"] == "assistant" for m in expanded.get("messages", [])) or 1
-            lines.write(json.dumps(expanded, ensure_ascii=False) + "\n")
-    return answers
+            lines.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def grounding_scenes(records: list[dict], objects: int | None = None) -> list[dict]:
+    """The grounding and grounded-caption records (of scenes of exactly `objects` shapes, if given)."""
+    return [r for r in records if r.get("task") in ("grounding", "grounded_caption")
+            and (objects is None or len(r.get("objects", [])) == objects)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,17 +258,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-out", type=Path, help="multi-turn JSONL to write (next to --data: same images)")
     parser.add_argument("--model-config", type=Path, default=RECIPE_DIR / "model.json",
                         help="config.json of the model (default: model.json of this recipe)")
+    parser.add_argument("--grounding-out", type=Path,
+                        help="also write the multi-turn grounding and grounded-caption records here")
+    parser.add_argument("--one-object-out", type=Path,
+                        help="also write the multi-turn grounding records of one-shape scenes here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     records = read_jsonl(args.data)
     if args.tokenizer_out:
         size = write_tokenizer_folder(records, args.tokenizer_out, args.model_config)
         print(f"wrote {args.tokenizer_out}: tokenizer of {size} tokens")
+    outputs = [p for p in (args.train_out, args.grounding_out, args.one_object_out) if p]
+    if any(p.resolve().parent != args.data.resolve().parent for p in outputs):
+        parser.error("--train-out, --grounding-out and --one-object-out must be in the folder of --data: "
+                     "image paths are relative to it")
+    if (args.grounding_out or args.one_object_out) and not args.train_out:
+        parser.error("--grounding-out and --one-object-out need --train-out (they are parts of it)")
     if args.train_out:
-        if args.train_out.resolve().parent != args.data.resolve().parent:
-            parser.error("--train-out must be in the folder of --data: image paths are relative to it")
-        answers = write_multi_turn(records, args.train_out, args.seed)
+        expanded = write_multi_turn(records, args.train_out, args.seed)
+        answers = sum(sum(m["role"] == "assistant" for m in r.get("messages", [])) or 1 for r in expanded)
         print(f"wrote {args.train_out}: {len(records)} records, {answers} answers")
+        for path, subset in ((args.grounding_out, grounding_scenes(expanded)),
+                             (args.one_object_out, grounding_scenes(expanded, objects=1))):
+            if path:
+                write_jsonl(subset, path)
+                print(f"wrote {path}: {len(subset)} records")
     return 0
 
 
