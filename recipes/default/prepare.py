@@ -264,16 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the multi-turn grounding records of one-shape scenes here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    records = read_jsonl(args.data)
-    if args.tokenizer_out:
-        size = write_tokenizer_folder(records, args.tokenizer_out, args.model_config)
-        print(f"wrote {args.tokenizer_out}: tokenizer of {size} tokens")
     outputs = [p for p in (args.train_out, args.grounding_out, args.one_object_out) if p]
     if any(p.resolve().parent != args.data.resolve().parent for p in outputs):
         parser.error("--train-out, --grounding-out and --one-object-out must be in the folder of --data: "
                      "image paths are relative to it")
     if (args.grounding_out or args.one_object_out) and not args.train_out:
         parser.error("--grounding-out and --one-object-out need --train-out (they are parts of it)")
+    records = read_jsonl(args.data)
+    if args.tokenizer_out:
+        size = write_tokenizer_folder(records, args.tokenizer_out, args.model_config)
+        print(f"wrote {args.tokenizer_out}: tokenizer of {size} tokens")
     if args.train_out:
         expanded = write_multi_turn(records, args.train_out, args.seed)
         answers = sum(sum(m["role"] == "assistant" for m in r.get("messages", [])) or 1 for r in expanded)
