@@ -187,3 +187,52 @@ def test_recipe_stages_chain_from_vision_to_sft():
         assert Path(after.model.checkpoint).resolve() == expected.resolve(), after.stage
     for stage in stages[2:]:
         assert set(stage.training.freeze) == {"vision", "projector"}
+
+
+def _load_selection():
+    spec = importlib.util.spec_from_file_location("default_recipe_selection", RECIPE / "selection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_selection_breakdown_tells_reading_from_choosing():
+    selection = _load_selection()
+    objects = [{"box": [0, 0, 100, 100]}, {"box": [500, 500, 700, 700]}]
+    assert selection.landing([0, 0, 100, 110], objects) == 0
+    assert selection.landing([480, 500, 700, 690], objects) == 1
+    assert selection.landing([200, 200, 300, 300], objects) is None and selection.landing(None, objects) is None
+    table = selection.breakdown([(1, 0, 0), (2, 1, 1), (2, 1, 0), (2, 0, None)])
+    assert table["1"] == {"n": 1, "accuracy": 1.0, "reading": 1.0, "selection": 1.0, "chance_selection": 1.0}
+    assert table["2"] == pytest.approx({"n": 3, "accuracy": 1 / 3, "reading": 2 / 3, "selection": 0.5,
+                                        "chance_selection": 0.5})
+    assert table["all"]["n"] == 4 and table["all"]["selection"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("uses_words", [True, False])
+def test_selection_measures_whether_the_words_choose_the_shape(tmp_path, uses_words):
+    # A stand-in model that reads the scene from the generator's own records: it boxes the shape the
+    # question names, or, ignoring the words, always the first shape.
+    selection = _load_selection()
+    generate_dataset(tmp_path, 12, seed=FRESH_SEED, split="test", tasks=["grounding"])
+    records = selection.grounding_records(tmp_path / "test.jsonl")
+    scenes = {str(tmp_path / r["images"][0]): r["objects"] for r in records}
+
+    def ask(image, question):
+        objects = scenes[str(image)]
+        named = [o for o in objects if re.search(rf"\b{o['color']}\b|\b{o['shape']}\b", question)] or objects
+        exact = [o for o in named if o["color"] in question and o["shape"] in question] or named
+        obj = exact[0] if uses_words else objects[0]
+        return f"<|ref|>x<|/ref|><|det|>[{obj['box']}]<|/det|>"
+
+    result = selection.measure(ask, records, tmp_path, scenes=5)
+    several = sum(len(r["objects"]) > 1 for r in records)
+    dependence = result["query_dependence"]
+    assert dependence["scenes"] == min(5, several) > 0
+    assert result["by_shapes"]["all"]["reading"] == 1.0
+    if uses_words:
+        assert dependence["accuracy"] == 1.0 and dependence["same_shape_for_every_query"] == 0.0
+        assert result["by_shapes"]["all"]["accuracy"] == 1.0
+    else:
+        assert dependence["same_shape_for_every_query"] == 1.0 and dependence["accuracy"] < 1.0
+        assert result["by_shapes"]["all"]["selection"] < 1.0
