@@ -25,8 +25,8 @@ SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 FRESH_SEED = 31337
 
 
-def _load_prepare():
-    spec = importlib.util.spec_from_file_location("default_recipe_prepare", RECIPE / "prepare.py")
+def _load_recipe_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"default_recipe_{name}", RECIPE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -112,7 +112,7 @@ def test_grounds_objects_in_fresh_images(tmp_path):
 
 
 def test_recipe_multi_turn_answers_follow_the_metadata(tmp_path):
-    prepare = _load_prepare()
+    prepare = _load_recipe_script("prepare")
     generate_dataset(tmp_path, 24, seed=5, split="train", tasks=["grounding", "counting", "chart", "ocr"])
     records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     rng = random.Random(0)
@@ -156,7 +156,7 @@ def _check_answer(record: dict, question: str, answer: str) -> None:
 def test_recipe_grounding_parts_are_the_grounding_scenes_of_the_multi_turn_file(tmp_path):
     """prepare.py's grounding files hold exactly the multi-turn records of grounding and grounded-caption
     scenes (one-shape scenes only for --one-object-out), as written in the full file."""
-    prepare = _load_prepare()
+    prepare = _load_recipe_script("prepare")
     generate_dataset(tmp_path, 60, seed=2, split="train",
                      tasks=["grounding", "grounded_caption", "counting", "ocr"])
     out = {name: tmp_path / f"{name}.jsonl" for name in ("all", "grounding", "one")}
@@ -189,15 +189,8 @@ def test_recipe_stages_chain_from_vision_to_sft():
         assert set(stage.training.freeze) == {"vision", "projector"}
 
 
-def _load_selection():
-    spec = importlib.util.spec_from_file_location("default_recipe_selection", RECIPE / "selection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_selection_breakdown_tells_reading_from_choosing():
-    selection = _load_selection()
+    selection = _load_recipe_script("selection")
     objects = [{"box": [0, 0, 100, 100]}, {"box": [500, 500, 700, 700]}]
     assert selection.landing([0, 0, 100, 110], objects) == 0
     assert selection.landing([480, 500, 700, 690], objects) == 1
@@ -213,7 +206,7 @@ def test_selection_breakdown_tells_reading_from_choosing():
 def test_selection_measures_whether_the_words_choose_the_shape(tmp_path, uses_words):
     # A stand-in model that reads the scene from the generator's own records: it boxes the shape the
     # question names, or, ignoring the words, always the first shape.
-    selection = _load_selection()
+    selection = _load_recipe_script("selection")
     generate_dataset(tmp_path, 12, seed=FRESH_SEED, split="test", tasks=["grounding"])
     records = selection.grounding_records(tmp_path / "test.jsonl")
     scenes = {str(tmp_path / r["images"][0]): r["objects"] for r in records}

@@ -23,8 +23,7 @@ from typing import Any
 
 from dsvl2.defaults import default_model_dir
 from dsvl2.engine import Engine, Request, SamplingParams
-from dsvl2.eval.metrics import box_iou
-from dsvl2.grounding import parse_grounding
+from dsvl2.eval.metrics import box_iou, parse_det_boxes
 
 Ask = Callable[[Path, str], str]  # (image, question) -> answer text
 HIT_IOU = 0.5
@@ -32,10 +31,8 @@ HIT_IOU = 0.5
 
 def answer_box(answer: str) -> list[float] | None:
     """The first box of an answer, or None when it names none."""
-    for ref in parse_grounding(answer).refs:
-        if ref.boxes:
-            return list(ref.boxes[0])
-    return None
+    boxes = parse_det_boxes(answer)
+    return boxes[0] if boxes else None
 
 
 def landing(box: Sequence[float] | None, objects: Sequence[dict[str, Any]]) -> int | None:
@@ -112,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("selection.json"))
     args = parser.parse_args(argv)
     records = grounding_records(args.data)
-    result = measure(engine_asker(args.model or default_model_dir()), records, args.data.parent, args.scenes)
+    model = args.model or default_model_dir()
+    result = measure(engine_asker(model), records, args.data.parent, args.scenes)
     print(f"{'shapes':>6} {'n':>5} {'accuracy':>9} {'reading':>8} {'selection':>10} {'chance':>7}")
     for key, row in result["by_shapes"].items():
         print(f"{key:>6} {row['n']:>5} {row['accuracy']:>9.3f} {row['reading']:>8.3f} {row['selection']:>10.3f} "
@@ -120,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     dependence = result["query_dependence"]
     print(f"every shape asked in {dependence['scenes']} scenes: accuracy {dependence['accuracy']:.3f}, "
           f"all answers on one shape in {dependence['same_shape_for_every_query']:.0%} of the scenes")
-    args.out.write_text(json.dumps({"model": str(args.model or default_model_dir()), "data": str(args.data),
+    args.out.write_text(json.dumps({"model": str(model), "data": str(args.data),
                                     **result}, indent=2) + "\n", encoding="utf-8")
     return 0
 
