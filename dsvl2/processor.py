@@ -59,6 +59,7 @@ class Sample:
     pixel_values: torch.Tensor  # float32 [n_tiles, 3, S, S], normalised; [0, 3, S, S] if no image
     num_image_tokens: list[int] = field(default_factory=list)
     image_digests: list[str] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each image as read
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -76,6 +77,7 @@ class Batch:
     images_spatial_crop: torch.Tensor  # int64 [B, max_images, 2], zero rows as padding
     num_image_tokens: list[list[int]] = field(default_factory=list)
     image_digests: list[list[str]] = field(default_factory=list)
+    image_sizes: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -336,6 +338,7 @@ class Processor:
                 num_image_tokens(t.num_width_tiles, t.num_height_tiles, self.tokens_per_side) for t in tiled
             ],
             image_digests=[t.digest for t in tiled],
+            image_sizes=[(p.width, p.height) for p in pictures],
         )
 
     # ----------------------------------------------------------------------------- batches
@@ -379,4 +382,5 @@ class Processor:
             images_spatial_crop=spatial_crop,
             num_image_tokens=[list(s.num_image_tokens) for s in samples],
             image_digests=[list(s.image_digests) for s in samples],
+            image_sizes=[list(s.image_sizes) for s in samples],
         )

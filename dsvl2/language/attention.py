@@ -61,11 +61,9 @@ class MultiHeadAttention(nn.Module):
         absorbed: bool = False,  # multi-head layers have no latent to absorb into
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self._queries_keys(x, rope)
+        k = k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        q = apply_rotary(q, *rope, interleaved=False)
-        k = apply_rotary(k, *rope, interleaved=False).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, slots, positions, (k, v), mask.shape[-1])
         k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -74,6 +72,23 @@ class MultiHeadAttention(nn.Module):
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _queries_keys(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, *rope, interleaved=False), apply_rotary(k, *rope, interleaved=False)
+
+    def attention_log_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                            positions: torch.Tensor) -> torch.Tensor:
+        """Log of the attention weights [H, Q, L] (float32) that `forward` gives the queries at `positions`
+        of one sequence x [1, L, D] (rope and mask of that sequence; no cache)."""
+        _, k = self._queries_keys(x, rope)  # the queries of every position are cheap next to the keys
+        q, _ = self._queries_keys(x[:, positions], (rope[0][:, positions], rope[1][:, positions]))
+        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = torch.einsum("bhqd,bhld->bhql", q, k).float() * self.head_dim**-0.5
+        return scores.masked_fill(~mask[:, :, positions], float("-inf")).log_softmax(dim=-1)[0]
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -114,18 +129,39 @@ class MultiHeadLatentAttention(nn.Module):
         absorbed: bool = False,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(b, t, self.n_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = apply_rotary(q_pe, *rope, interleaved=True)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rotary(k_pe[:, None], *rope, interleaved=True)[:, 0]
+        q_nope, q_pe = self._queries(x, rope)
+        latent, k_pe = self._latent(x, rope)
         if cache is not None:
             latent, k_pe = cache.update(self.layer, slots, positions, (latent, k_pe), mask.shape[-1])
         path = self.absorbed if absorbed else self.expanded
         out = path(q_nope, q_pe, latent, k_pe, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries [B, H, T, *]: the part without position and the rotary part."""
+        b, t, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.n_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rotary(q_pe, *rope, interleaved=True)
+
+    def _latent(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache holds per token: the normed latent [B, T, rank] and the shared rotary key [B, T, r]."""
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(latent), apply_rotary(k_pe[:, None], *rope, interleaved=True)[:, 0]
+
+    def attention_log_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                            positions: torch.Tensor) -> torch.Tensor:
+        """Log of the attention weights [H, Q, L] (float32) that `forward` gives the queries at `positions`
+        of one sequence x [1, L, D] (rope and mask of that sequence; no cache). Scored in the latent space
+        as the absorbed path, so no per-head keys are made."""
+        q_nope, q_pe = self._queries(x[:, positions], (rope[0][:, positions], rope[1][:, positions]))
+        latent, k_pe = self._latent(x, rope)
+        w_k = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)[:, : self.nope_dim]
+        q_latent = torch.einsum("bhqd,hdr->bhqr", q_nope, w_k)
+        scores = torch.einsum("bhqr,blr->bhql", q_latent, latent) + torch.einsum("bhqd,bld->bhql", q_pe, k_pe)
+        scores = (scores.float() * self.scale).masked_fill(~mask[:, :, positions], float("-inf"))
+        return scores.log_softmax(dim=-1)[0]
 
     def expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor

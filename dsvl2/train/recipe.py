@@ -17,6 +17,7 @@ to a default), and every error names the offending key.
     optimizer: {lr: 2.0e-5, module_lr: {projector: 1.0e-4}}
     schedule: {warmup_steps: 100}
     training: {steps: 1000, micro_batch_size: 2, grad_accum: 8, dtype: bfloat16}
+    # optional: training.box_attention: {layer: 2, heads: [0], weight: 1.0} (see dsvl2.train.box_attention)
     output: {dir: runs/sft, save_every: 500}
 """
 
@@ -84,6 +85,15 @@ class ScheduleSection:
 
 
 @dataclass(frozen=True)
+class BoxAttentionSection:
+    """`dsvl2.train.box_attention`: pull `heads` of decoder layer `layer` onto the region each box answer names."""
+
+    layer: int
+    heads: tuple[int, ...] = (0,)
+    weight: float = 1.0  # relative to the mean next-token loss
+
+
+@dataclass(frozen=True)
 class TrainingSection:
     steps: int = 1000  # optimiser steps
     micro_batch_size: int = 1  # samples per forward, per rank
@@ -96,6 +106,7 @@ class TrainingSection:
     bias_update_rate: float = 1e-3  # noaux_tc: e_score_correction_bias step per optimiser step
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
     device: str = "auto"  # auto: cuda if available, else cpu
+    box_attention: BoxAttentionSection | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +273,10 @@ def _check(recipe: TrainRecipe) -> None:
         raise RecipeError("optimizer.lr and optimizer.module_lr values must be > 0")
     if not 0 <= recipe.schedule.min_lr_ratio <= 1:
         raise RecipeError(f"schedule.min_lr_ratio must be in [0, 1], got {recipe.schedule.min_lr_ratio}")
+    box = recipe.training.box_attention
+    if box is not None and (box.layer < 0 or not box.heads or min(box.heads) < 0 or box.weight <= 0):
+        raise RecipeError("training.box_attention needs layer >= 0, a non-empty list of heads >= 0 and weight > 0, "
+                          f"got layer {box.layer}, heads {list(box.heads)}, weight {box.weight}")
     if recipe.training.device not in ("auto", "cpu") and not recipe.training.device.startswith("cuda"):
         raise RecipeError(f"training.device is {recipe.training.device!r}; expected auto, cpu or cuda[:N]")
 

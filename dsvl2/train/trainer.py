@@ -40,8 +40,9 @@ from dsvl2.checkpoint import load_model, save_model
 from dsvl2.config import ConfigError, load_json, model_config_from_dict
 from dsvl2.model import DeepseekVL2, init_weights
 from dsvl2.processor import Batch, Processor
+from dsvl2.train.box_attention import BoxTarget, box_attention_loss, box_targets
 from dsvl2.train.data import SKIP_REASONS, DataError, DataSource, TrainDataset, TrainLoader
-from dsvl2.train.recipe import RecipeError, TrainRecipe, load_recipe
+from dsvl2.train.recipe import BoxAttentionSection, RecipeError, TrainRecipe, load_recipe
 from dsvl2.train.stages import (
     build_optimizer,
     build_scheduler,
@@ -271,21 +272,31 @@ def initial_model(recipe: TrainRecipe, checkpoint: Path | None = None) -> tuple[
 
 class LossModule(nn.Module):
     """The training forward as one module (what DDP and FSDP2 wrap): the summed next-token
-    cross-entropy of the batch, the MoE auxiliary loss and the routed experts.
+    cross-entropy of the batch, the MoE auxiliary loss, the routed experts and, with `box_attention`,
+    the box-attention loss and attention mass of `dsvl2.train.box_attention` (None without targets).
 
     With `touch_all`, a micro-batch without images still runs the vision tower on one blank
     tile, times zero: every rank then has a gradient (zero) for the same parameters, which DDP
     without unused-parameter search and FSDP2's collectives need.
     """
 
-    def __init__(self, model: DeepseekVL2, touch_all: bool = False) -> None:
+    def __init__(self, model: DeepseekVL2, touch_all: bool = False,
+                 box_attention: BoxAttentionSection | None = None) -> None:
         super().__init__()
         self.model = model
         self.touch_all = touch_all
+        self.box_attention = box_attention
+        self._attention_inputs: tuple = ()
+        if box_attention is not None:
+            attention = model.language.model.layers[box_attention.layer].self_attn
+            # The layer's inputs (normed hidden states, rotary tables, mask) give its attention weights.
+            attention.register_forward_hook(lambda module, args, output: setattr(self, "_attention_inputs", args))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                images: torch.Tensor, images_seq_mask: torch.Tensor, images_spatial_crop: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+                images: torch.Tensor, images_seq_mask: torch.Tensor, images_spatial_crop: torch.Tensor,
+                box_targets: list[BoxTarget] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], torch.Tensor | None,
+                           torch.Tensor | None]:
         model = self.model
         embeds = model.embed_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
         if self.touch_all and not bool(images_spatial_crop.any()):
@@ -296,7 +307,14 @@ class LossModule(nn.Module):
         predicts = F.pad(targets != -100, (0, 1))  # positions whose next token is a label
         out = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_mask=predicts)
         ce_sum = F.cross_entropy(out.logits.float(), targets[targets != -100], reduction="sum")
-        return ce_sum, out.aux_loss, out.expert_indices
+        box_loss = box_mass = None
+        if self.box_attention is not None and box_targets:
+            attention = model.language.model.layers[self.box_attention.layer].self_attn
+            x, rope, mask = self._attention_inputs[:3]
+            box_loss, mass = box_attention_loss(attention, x, rope, mask, box_targets, self.box_attention.heads)
+            box_mass = torch.tensor(mass)
+        self._attention_inputs = ()
+        return ce_sum, out.aux_loss, out.expert_indices, box_loss, box_mass
 
 
 def _fsdp_wrap(loss_module: LossModule, dist_info: Distributed) -> nn.Module:
@@ -383,6 +401,7 @@ class Trainer:
         cfg = self.model.cfg.language
         self.n_experts = cfg.n_routed_experts or 0
         self.noaux = cfg.is_moe and cfg.topk_method == "noaux_tc"
+        self.box_attention = self._check_box_attention()
         self.engine = self._wrap()
         # FSDP2 replaces the parameters by sharded ones: the optimiser must hold those.
         self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
@@ -428,9 +447,20 @@ class Trainer:
             max_consecutive_bad=data.max_consecutive_bad,
         )
 
+    def _check_box_attention(self) -> BoxAttentionSection | None:
+        box = self.recipe.training.box_attention
+        cfg = self.model.cfg.language
+        if box is not None and box.layer >= cfg.num_hidden_layers:
+            raise TrainError(f"training.box_attention.layer is {box.layer} but the language model has "
+                             f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})")
+        if box is not None and max(box.heads) >= cfg.num_attention_heads:
+            raise TrainError(f"training.box_attention.heads {list(box.heads)} name a head >= the "
+                             f"{cfg.num_attention_heads} attention heads of the language model")
+        return box
+
     def _wrap(self) -> nn.Module:
         distributed = self.dist.enabled
-        loss_module = LossModule(self.model, touch_all=distributed)
+        loss_module = LossModule(self.model, touch_all=distributed, box_attention=self.recipe.training.box_attention)
         if distributed:
             keep_idle_experts_in_graph(self.model)
         if not distributed:
@@ -477,15 +507,23 @@ class Trainer:
         scale = self.dist.world_size / max(loss_tokens, 1.0)  # DDP/FSDP average over ranks
         ce_total = torch.zeros((), dtype=torch.float64)
         aux_total = torch.zeros((), dtype=torch.float64)
+        box_total = torch.zeros(3, dtype=torch.float64)  # box-attention loss, mass, micro-batches with a box
         counts = torch.zeros(len(self.moe), self.n_experts, dtype=torch.float64)
         self.engine.train()
         for i, batch in enumerate(batches):
             inputs = _batch_inputs(batch, device)
+            if self.box_attention is not None:
+                inputs["box_targets"] = box_targets(batch, self.processor.tokenizer, self.processor.tile_size,
+                                                    self.processor.tokens_per_side)
             with self._sync_gradients(i == len(batches) - 1), self.autocast:
-                ce_sum, aux, indices = self.engine(**inputs)
+                ce_sum, aux, indices, box_loss, box_mass = self.engine(**inputs)
                 loss = ce_sum * scale
                 if aux is not None and recipe.training.aux_loss:
                     loss = loss + aux / len(batches)
+                if box_loss is not None:
+                    loss = loss + self.box_attention.weight * box_loss / len(batches)
+                    box_total += torch.stack([box_loss.detach().double().cpu(), box_mass.double(),
+                                              torch.ones((), dtype=torch.float64)])
             loss.backward()
             ce_total += ce_sum.detach().double().cpu()
             if aux is not None:
@@ -501,8 +539,9 @@ class Trainer:
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = self.dist.all_reduce_sum(torch.cat([ce_total.view(1), aux_total.view(1), counts.reshape(-1)]))
-        counts = reduced[2:].view_as(counts)
+        reduced = self.dist.all_reduce_sum(torch.cat([ce_total.view(1), aux_total.view(1), box_total,
+                                                      counts.reshape(-1)]))
+        counts = reduced[5:].view_as(counts)
         if self.noaux and "language" in self.trainable and recipe.training.bias_update_rate > 0:
             update_correction_bias(self.model, counts.float(), recipe.training.bias_update_rate)
         self.step += 1
@@ -513,6 +552,8 @@ class Trainer:
             "step": self.step,
             "loss": float(reduced[0]) / max(loss_tokens, 1.0),
             "aux_loss": float(reduced[1]) / self.dist.world_size,
+            **({"box_attention_loss": float(reduced[2]) / max(float(reduced[4]), 1.0),
+                "box_attention_mass": float(reduced[3]) / max(float(reduced[4]), 1.0)} if self.box_attention else {}),
             "lr": lrs,
             "grad_norm": grad_norm,
             "loss_tokens": int(loss_tokens),

@@ -1,0 +1,106 @@
+"""Box attention: an auxiliary loss that pulls chosen attention heads onto the region a box answer names.
+
+While an answer writes `<|det|>[[x1,y1,x2,y2]]<|/det|>`, the positions that predict the box's tokens
+should look at the image tokens inside that box. The loss is -log(attention mass of the chosen heads
+on those tokens), averaged over the positions and heads, for answers with one box about a conversation
+with one image. Why: trained on the next-token loss alone, the small default model learnt to read a
+box off the picture but not to choose the shape the question names (it boxed the same shape whatever
+was asked; `recipes/default/selection.py` measures it); with this loss the choice is taught directly.
+
+The map from image tokens to image regions is pure geometry: `image_token_centres` follows the token
+layout of `dsvl2.projector.layout_image_tokens` (global view, separator, local view; a newline token
+ends every row) and the padding of `Processor.tile_image`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsvl2.processor import Batch
+from dsvl2.tokenizer import Tokenizer
+from dsvl2.vision.tiling import pad_geometry, tile_counts
+
+GRID = 999  # boxes are written on a 0..999 grid of the image
+_ONE_BOX = re.compile(r"^\[\[(\d+),(\d+),(\d+),(\d+)\]\]$")
+
+
+@dataclass(frozen=True)
+class BoxTarget:
+    row: int  # batch row
+    queries: tuple[int, ...]  # positions whose next token belongs to the box
+    keys: tuple[int, ...]  # image-token positions inside the box
+
+
+def image_token_centres(width: int, height: int, best_width: int, best_height: int, tile_size: int,
+                        tokens_per_side: int) -> list[tuple[float, float] | None]:
+    """Centre of every image token of one image on the 0..999 grid, in sequence order; None for the
+    newline and separator tokens and for tokens whose centre lies in the padding."""
+    step = tile_size / tokens_per_side
+    centres: list[tuple[float, float] | None] = []
+
+    def view(target_width: int, target_height: int, rows: int, columns: int) -> None:
+        geometry = pad_geometry(width, height, target_width, target_height)
+        for row in range(rows):
+            for column in range(columns):
+                x = ((column + 0.5) * step - geometry.left) / max(geometry.scaled_width, 1) * GRID
+                y = ((row + 0.5) * step - geometry.top) / max(geometry.scaled_height, 1) * GRID
+                centres.append((x, y) if 0 <= x <= GRID and 0 <= y <= GRID else None)
+            centres.append(None)  # the row's newline
+
+    view(tile_size, tile_size, tokens_per_side, tokens_per_side)
+    centres.append(None)  # the view separator
+    columns, rows = tile_counts(best_width, best_height, tile_size)
+    view(best_width, best_height, tokens_per_side * rows, tokens_per_side * columns)
+    return centres
+
+
+def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_side: int) -> list[BoxTarget]:
+    """A `BoxTarget` for every one-box `<|det|>` span of the answers of the batch's one-image rows."""
+    det, end = tokenizer.token_to_id("<|det|>"), tokenizer.token_to_id("<|/det|>")
+    targets = []
+    for row in range(batch.input_ids.shape[0]):
+        sizes = batch.image_sizes[row] if row < len(batch.image_sizes) else []
+        if len(sizes) != 1:
+            continue
+        image_positions = batch.images_seq_mask[row].nonzero().flatten().tolist()
+        columns, rows = (int(v) for v in batch.images_spatial_crop[row, 0])
+        centres = image_token_centres(*sizes[0], columns * tile_size, rows * tile_size, tile_size, tokens_per_side)
+        if len(centres) != len(image_positions):
+            raise ValueError(f"row {row}: {len(image_positions)} image tokens in the sequence but the layout of a "
+                             f"{columns}x{rows} grid has {len(centres)}")
+        ids, labels = batch.input_ids[row].tolist(), batch.labels[row].tolist()
+        for start, token in enumerate(ids):
+            if token != det or start + 1 >= len(ids) or labels[start + 1] < 0 or end not in ids[start + 1:]:
+                continue
+            stop = ids.index(end, start + 1)
+            match = _ONE_BOX.match(tokenizer.decode(ids[start + 1: stop]).replace(" ", ""))
+            if match is None:
+                continue
+            x1, y1, x2, y2 = (int(v) for v in match.groups())
+            keys = tuple(position for position, centre in zip(image_positions, centres, strict=True)
+                         if centre is not None and x1 <= centre[0] <= x2 and y1 <= centre[1] <= y2)
+            if keys:
+                targets.append(BoxTarget(row, tuple(range(start, stop)), keys))
+    return targets
+
+
+def box_attention_loss(attention: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       mask: torch.Tensor, targets: list[BoxTarget], heads: tuple[int, ...]
+                       ) -> tuple[torch.Tensor, float]:
+    """Mean -log(attention mass on the box's tokens) of `heads` over every target's query positions, and the
+    mean mass itself (for the log). x, rope and mask are the batch's inputs of the layer `attention`."""
+    losses, masses = [], []
+    for target in targets:
+        row = slice(target.row, target.row + 1)
+        positions = torch.tensor(target.queries, device=x.device)
+        log_probs = attention.attention_log_probs(x[row], (rope[0][row], rope[1][row]), mask[row], positions)
+        mass = log_probs[list(heads)][:, :, list(target.keys)].logsumexp(dim=-1)  # [heads, queries]
+        losses.append(-mass.mean())
+        masses.append(mass.detach().exp().mean())
+    if not losses:
+        return x.new_zeros(()), 0.0
+    return torch.stack(losses).mean(), float(torch.stack(masses).mean())

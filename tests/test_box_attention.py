@@ -1,0 +1,201 @@
+"""Box attention: image tokens mapped to the pixels they show, targets from box answers, the loss, the trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from dsvl2.processor import Processor
+from dsvl2.train.box_attention import BoxTarget, box_attention_loss, box_targets, image_token_centres
+from dsvl2.train.recipe import RecipeError, recipe_from_dict
+from dsvl2.train.synthetic import generate_dataset
+from dsvl2.train.trainer import Trainer, TrainError
+from dsvl2.vision.tiling import num_image_tokens, tile_counts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RED = (230, 20, 20)
+
+
+def _picture(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle(box, fill=RED)
+    return image
+
+
+def _layout(side: int, columns: int, rows: int) -> list[tuple[int, int, int] | None]:
+    """(tile, row, column) of each image token in sequence order, None for newlines and the separator."""
+    layout: list[tuple[int, int, int] | None] = []
+    for row in range(side):
+        layout += [(0, row, column) for column in range(side)] + [None]
+    layout.append(None)
+    for row in range(side * rows):
+        layout += [(1 + (row // side) * columns + column // side, row % side, column % side)
+                   for column in range(side * columns)] + [None]
+    return layout
+
+
+@pytest.mark.parametrize("size", [(384, 384), (900, 300), (300, 900), (700, 500)])
+def test_token_centres_land_on_the_pixels_the_tokens_see(conf_dir: Path, size: tuple[int, int]) -> None:
+    processor = Processor.from_pretrained(conf_dir / "small_like")
+    width, height = size
+    box = (width // 5, height // 3, width // 2, (4 * height) // 5)
+    tiles = processor.tile_image(_picture(width, height, box))
+    side, tile = processor.tokens_per_side, processor.tile_size
+    best = processor.tile_grid(width, height)
+    centres = image_token_centres(width, height, *best, tile, side)
+    layout = _layout(side, tiles.num_width_tiles, tiles.num_height_tiles)
+    assert len(centres) == len(layout) == num_image_tokens(*tile_counts(*best, tile), side)
+    grid = [v * 999 / s for v, s in zip(box, (width, height, width, height), strict=True)]
+    margin = 25  # grid units: a token whose centre is this close to an edge may show either side
+    counts = {"inside": 0, "outside": 0, "padding": 0}
+    for centre, place in zip(centres, layout, strict=True):
+        if place is None:
+            assert centre is None
+            continue
+        step = tile / side
+        tile_index, row, column = place
+        pixel = tuple(int(v) for v in tiles.tiles[tile_index, :, int((row + 0.5) * step), int((column + 0.5) * step)])
+        if centre is None:
+            assert pixel not in (RED, (255, 255, 255)), place  # the padding's fill colour
+            counts["padding"] += 1
+            continue
+        x, y = centre
+        if grid[0] + margin < x < grid[2] - margin and grid[1] + margin < y < grid[3] - margin:
+            assert pixel == RED, (centre, pixel)
+            counts["inside"] += 1
+        elif not (grid[0] - margin < x < grid[2] + margin and grid[1] - margin < y < grid[3] + margin):
+            assert pixel == (255, 255, 255), (centre, pixel)
+            counts["outside"] += 1
+    assert counts["inside"] > 10 and counts["outside"] > 10
+    assert (counts["padding"] > 0) == (width != height)
+
+
+def test_padding_newline_and_separator_tokens_have_no_centre() -> None:
+    # A 2:1 picture in a square global view: the top and bottom quarter of its rows are padding.
+    centres = image_token_centres(200, 100, 200, 100, 100, 4)
+    global_rows = [centres[r * 5: r * 5 + 5] for r in range(4)]
+    assert all(row[4] is None for row in global_rows)  # newlines
+    assert all(c is None for c in global_rows[0]) and all(c is None for c in global_rows[3])
+    assert [round(c[0]) for c in global_rows[1][:4]] == [125, 375, 624, 874]
+    assert centres[20] is None  # the separator
+    local = centres[21:]
+    assert len(local) == 4 * 9 and all(c is not None for i, c in enumerate(local) if i % 9 != 8)
+
+
+def _batch(processor: Processor, answer: str, box: tuple[int, int, int, int], prompt_box: bool = False):
+    image = _picture(600, 400, box)
+    question = "<image>\n<|ref|>the red box<|/ref|>." + (" <|det|>[[0,0,999,999]]<|/det|>" if prompt_box else "")
+    sample = processor.encode([{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                              [image], inference=False)
+    return processor.batch([sample], padding="right")
+
+
+def test_targets_are_the_box_tokens_of_answers_and_the_image_tokens_inside(conf_dir: Path) -> None:
+    processor = Processor.from_pretrained(conf_dir / "small_like")
+    answer = "<|ref|>the red box<|/ref|><|det|>[[0, 0, 499, 999]]<|/det|>"
+    batch = _batch(processor, answer, (0, 0, 300, 400), prompt_box=True)
+    (target,) = box_targets(batch, processor.tokenizer, processor.tile_size, processor.tokens_per_side)
+    ids = batch.input_ids[0].tolist()
+    det = processor.tokenizer.token_to_id("<|det|>")
+    start = max(i for i, t in enumerate(ids) if t == det)  # the answer's, not the prompt's
+    assert target.row == 0 and target.queries[0] == start
+    assert processor.tokenizer.decode([ids[target.queries[-1] + 1]]) == "<|/det|>"
+    assert all(batch.labels[0, q + 1] >= 0 for q in target.queries)
+    assert all(batch.images_seq_mask[0, k] for k in target.keys)
+    # About half of each view's picture tokens: the left half of the image.
+    centres = [c for c in image_token_centres(600, 400, *processor.tile_grid(600, 400), processor.tile_size,
+                                              processor.tokens_per_side) if c is not None]
+    assert len(target.keys) == sum(1 for x, _ in centres if x <= 499)
+    assert 0.4 < len(target.keys) / len(centres) < 0.6
+
+
+@pytest.mark.parametrize("answer", ["<|ref|>two<|/ref|><|det|>[[0, 0, 10, 10], [20, 20, 30, 30]]<|/det|>",
+                                    "no box here", "<|det|>[[0, 0, 10"])
+def test_answers_without_exactly_one_box_give_no_target(conf_dir: Path, answer: str) -> None:
+    processor = Processor.from_pretrained(conf_dir / "small_like")
+    batch = _batch(processor, answer, (0, 0, 300, 400), prompt_box=True)
+    assert box_targets(batch, processor.tokenizer, processor.tile_size, processor.tokens_per_side) == []
+
+
+class _PlantedAttention(torch.nn.Module):
+    """Attention weights given in advance ([B, H, T, T]); records which queries were asked for."""
+
+    def __init__(self, log_probs: torch.Tensor) -> None:
+        super().__init__()
+        self.log_probs = log_probs
+        self.asked: list[list[int]] = []
+
+    def attention_log_probs(self, x, rope, mask, positions):
+        row = int(x[0, 0, 0])  # the test puts each row's index into its hidden states
+        self.asked.append(positions.tolist())
+        return self.log_probs[row][:, positions]
+
+
+def test_loss_is_minus_log_attention_mass_on_the_keys() -> None:
+    log_probs = torch.full((2, 2, 6, 6), -math.inf)
+    log_probs[1, 0, 5] = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.1, 0.1]).log()
+    log_probs[1, 1, 5] = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0, 0.0]).log()
+    log_probs[1, :, 4] = torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0, 0.0]).log()
+    attention = _PlantedAttention(log_probs)
+    x = torch.arange(2.0)[:, None, None].expand(2, 6, 3)
+    rope = (torch.zeros(2, 6, 2), torch.zeros(2, 6, 2))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    target = BoxTarget(row=1, queries=(5,), keys=(1, 2))
+    loss, mass = box_attention_loss(attention, x, rope, mask, [target], heads=(0,))
+    assert loss.item() == pytest.approx(-math.log(0.5)) and mass == pytest.approx(0.5)
+    loss, mass = box_attention_loss(attention, x, rope, mask, [target], heads=(0, 1))
+    assert loss.item() == pytest.approx(-math.log(0.5) / 2) and mass == pytest.approx(0.75)
+    both = BoxTarget(row=1, queries=(4, 5), keys=(1, 2))
+    loss, mass = box_attention_loss(attention, x, rope, mask, [both], heads=(1,))
+    assert attention.asked[-1] == [4, 5]
+    assert loss.item() == pytest.approx(-math.log(0.5) / 2) and mass == pytest.approx(0.75)
+    zero, mass = box_attention_loss(attention, x, rope, mask, [], heads=(0,))
+    assert zero.item() == 0.0 and mass == 0.0
+
+
+@pytest.fixture(scope="module")
+def grounding_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("grounding")
+    generate_dataset(root, 8, seed=5, tasks=["grounding"])
+    return root
+
+
+def _recipe(conf_dir: Path, data: Path, out: Path, **training) -> object:
+    return recipe_from_dict({
+        "stage": "sft",
+        "model": {"checkpoint": str(conf_dir / "small_like")},
+        "data": {"sources": [{"name": "g", "paths": [str(data)]}], "shuffle_buffer": 1},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+        "schedule": {"kind": "constant"},
+        "training": {"steps": 12, "micro_batch_size": 2, "freeze": ["vision", "projector"], **training},
+        "output": {"dir": str(out), "save_every": 100, "progress": False},
+    }, out.parent)
+
+
+def test_training_pulls_the_head_onto_the_named_box(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+    records = [json.loads(line) for line in (grounding_dir / "train.jsonl").read_text().splitlines()]
+    assert all("<|det|>" in r["messages"][-1]["content"] for r in records)
+    box = {"layer": 1, "heads": [0, 2], "weight": 1.0}
+    history = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "on", box_attention=box)).train()
+    masses = [r["box_attention_mass"] for r in history]
+    assert all(r["box_attention_loss"] > 0 for r in history)
+    assert sum(masses[-3:]) > 2 * sum(masses[:3]), masses
+    plain = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "off")).train()
+    assert "box_attention_mass" not in plain[0]
+    assert plain[0]["loss"] == pytest.approx(history[0]["loss"], rel=1e-6)  # same batches, same first forward
+
+
+def test_box_attention_settings_are_checked(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="training.box_attention"):
+        _recipe(conf_dir, grounding_dir, tmp_path / "a", box_attention={"layer": 0, "heads": [], "weight": 1.0})
+    with pytest.raises(RecipeError, match="training.box_attention"):
+        _recipe(conf_dir, grounding_dir, tmp_path / "b", box_attention={"layer": 0, "weight": 0})
+    with pytest.raises(TrainError, match="box_attention.layer is 99"):
+        Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "c", box_attention={"layer": 99}))
+    with pytest.raises(TrainError, match="heads"):
+        Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "d", box_attention={"layer": 0, "heads": [64]}))
