@@ -3,9 +3,11 @@
 While an answer writes `<|det|>[[x1,y1,x2,y2]]<|/det|>`, the positions that predict the box's tokens
 should look at the image tokens inside that box. The loss is -log(attention mass of the chosen heads
 on those tokens), averaged over the positions and heads, for answers with one box about a conversation
-with one image. Why: trained on the next-token loss alone, the small default model learnt to read a
-box off the picture but not to choose the shape the question names (it boxed the same shape whatever
-was asked; `recipes/default/selection.py` measures it); with this loss the choice is taught directly.
+with one image. Why: trained on the next-token loss alone, the small default model's attention at the
+box barely touched the object (mass 0.06 for the head this loss trains) and 45% of its boxes matched no
+shape. With the loss (layer 2, head 0) the head's mass on the box reached 0.86 and the boxes land on a
+shape far more often (76% of held-out grounding answers against 55%); the answer still does not follow the
+head to the *named* shape (`recipes/default/selection.py` measures both).
 
 The map from image tokens to image regions is pure geometry: `image_token_centres` follows the token
 layout of `dsvl2.projector.layout_image_tokens` (global view, separator, local view; a newline token
