@@ -61,8 +61,7 @@ class MultiHeadAttention(nn.Module):
         absorbed: bool = False,  # multi-head layers have no latent to absorb into
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k = self._queries_keys(x, rope)
-        k = k.transpose(1, 2)
+        q, k = self._queries(x, rope), self._keys(x, rope).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, slots, positions, (k, v), mask.shape[-1])
@@ -73,20 +72,22 @@ class MultiHeadAttention(nn.Module):
         out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _queries_keys(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, *rope, interleaved=False)
+
+    def _keys(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, *rope, interleaved=False), apply_rotary(k, *rope, interleaved=False)
+        return apply_rotary(k, *rope, interleaved=False)
 
     def attention_log_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                             positions: torch.Tensor) -> torch.Tensor:
         """Log of the attention weights [H, Q, L] (float32) that `forward` gives the queries at `positions`
         of one sequence x [1, L, D] (rope and mask of that sequence; no cache)."""
-        _, k = self._queries_keys(x, rope)  # the queries of every position are cheap next to the keys
-        q, _ = self._queries_keys(x[:, positions], (rope[0][:, positions], rope[1][:, positions]))
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        q = self._queries(x[:, positions], (rope[0][:, positions], rope[1][:, positions]))
+        k = self._keys(x, rope).repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         scores = torch.einsum("bhqd,bhld->bhql", q, k).float() * self.head_dim**-0.5
         return scores.masked_fill(~mask[:, :, positions], float("-inf")).log_softmax(dim=-1)[0]
 

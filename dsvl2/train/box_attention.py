@@ -16,18 +16,17 @@ ends every row) and the padding of `Processor.tile_image`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from dsvl2.grounding import parse_grounding
 from dsvl2.processor import Batch
 from dsvl2.tokenizer import Tokenizer
 from dsvl2.vision.tiling import pad_geometry, tile_counts
 
 GRID = 999  # boxes are written on a 0..999 grid of the image
-_ONE_BOX = re.compile(r"^\[\[(\d+),(\d+),(\d+),(\d+)\]\]$")
 
 
 @dataclass(frozen=True)
@@ -79,10 +78,11 @@ def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_s
             if token != det or start + 1 >= len(ids) or labels[start + 1] < 0 or end not in ids[start + 1:]:
                 continue
             stop = ids.index(end, start + 1)
-            match = _ONE_BOX.match(tokenizer.decode(ids[start + 1: stop]).replace(" ", ""))
-            if match is None:
+            parsed = parse_grounding(tokenizer.decode(ids[start: stop + 1]))
+            boxes = [box for ref in parsed.refs for box in ref.boxes]
+            if parsed.errors or len(boxes) != 1:
                 continue
-            x1, y1, x2, y2 = (int(v) for v in match.groups())
+            x1, y1, x2, y2 = boxes[0]
             keys = tuple(position for position, centre in zip(image_positions, centres, strict=True)
                          if centre is not None and x1 <= centre[0] <= x2 and y1 <= centre[1] <= y2)
             if keys:
