@@ -11,7 +11,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from dsvl2.processor import Processor
-from dsvl2.train.box_attention import BoxTarget, box_attention_loss, box_targets, image_token_centres
+from dsvl2.train.box_attention import (
+    BoxTarget,
+    box_attention_loss,
+    box_targets,
+    force_box_attention,
+    image_token_centres,
+)
 from dsvl2.train.recipe import RecipeError, recipe_from_dict
 from dsvl2.train.synthetic import generate_dataset
 from dsvl2.train.trainer import Trainer, TrainError
@@ -112,6 +118,12 @@ def test_targets_are_the_box_tokens_of_answers_and_the_image_tokens_inside(conf_
                                               processor.tokens_per_side) if c is not None]
     assert len(target.keys) == sum(1 for x, _ in centres if x <= 499)
     assert 0.4 < len(target.keys) / len(centres) < 0.6
+    side = processor.tokens_per_side
+    global_view = set(batch.images_seq_mask[0].nonzero().flatten().tolist()[: side * (side + 1)])
+    assert target.global_keys and set(target.global_keys) == set(target.keys) & global_view
+    # The box is chosen where <|det|> predicts [[ and [[ predicts the first digit.
+    assert target.choice == 2
+    assert processor.tokenizer.decode([ids[start + target.choice]]) == "0"
 
 
 @pytest.mark.parametrize("answer", ["<|ref|>two<|/ref|><|det|>[[0, 0, 10, 10], [20, 20, 30, 30]]<|/det|>",
@@ -145,15 +157,18 @@ def test_loss_is_minus_log_attention_mass_on_the_keys() -> None:
     x = torch.arange(2.0)[:, None, None].expand(2, 6, 3)
     rope = (torch.zeros(2, 6, 2), torch.zeros(2, 6, 2))
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
-    target = BoxTarget(row=1, queries=(5,), keys=(1, 2))
+    target = BoxTarget(row=1, queries=(5,), keys=(1, 2), global_keys=(1,), choice=1)
     loss, mass = box_attention_loss(attention, x, rope, mask, [target], heads=(0,))
     assert loss.item() == pytest.approx(-math.log(0.5)) and mass == pytest.approx(0.5)
     loss, mass = box_attention_loss(attention, x, rope, mask, [target], heads=(0, 1))
     assert loss.item() == pytest.approx(-math.log(0.5) / 2) and mass == pytest.approx(0.75)
-    both = BoxTarget(row=1, queries=(4, 5), keys=(1, 2))
+    both = BoxTarget(row=1, queries=(4, 5), keys=(1, 2), global_keys=(1,), choice=1)
     loss, mass = box_attention_loss(attention, x, rope, mask, [both], heads=(1,))
     assert attention.asked[-1] == [4, 5]
     assert loss.item() == pytest.approx(-math.log(0.5) / 2) and mass == pytest.approx(0.75)
+    # choice_weight adds the mean over the positions before the first digit (here the first query: mass 0.5).
+    weighted, _ = box_attention_loss(attention, x, rope, mask, [both], heads=(1,), choice_weight=3.0)
+    assert weighted.item() == pytest.approx(-math.log(0.5) / 2 - 3.0 * math.log(0.5))
     zero, mass = box_attention_loss(attention, x, rope, mask, [], heads=(0,))
     assert zero.item() == 0.0 and mass == 0.0
 
@@ -188,6 +203,12 @@ def test_training_pulls_the_head_onto_the_named_box(conf_dir: Path, grounding_di
     plain = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "off")).train()
     assert "box_attention_mass" not in plain[0]
     assert plain[0]["loss"] == pytest.approx(history[0]["loss"], rel=1e-6)  # same batches, same first forward
+    forced = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "forced",
+                             box_attention={**box, "teacher_forced": True, "choice_weight": 1.0})).train()
+    assert forced[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-4)  # the forced heads change the forward
+    assert forced[0]["box_attention_loss"] > history[0]["box_attention_loss"]  # the choice positions count twice
+    forced_masses = [r["box_attention_mass"] for r in forced]
+    assert sum(forced_masses[-3:]) > 2 * sum(forced_masses[:3]), forced_masses
 
 
 def test_box_attention_settings_are_checked(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
@@ -195,7 +216,45 @@ def test_box_attention_settings_are_checked(conf_dir: Path, grounding_dir: Path,
         _recipe(conf_dir, grounding_dir, tmp_path / "a", box_attention={"layer": 0, "heads": [], "weight": 1.0})
     with pytest.raises(RecipeError, match="training.box_attention"):
         _recipe(conf_dir, grounding_dir, tmp_path / "b", box_attention={"layer": 0, "weight": 0})
+    with pytest.raises(RecipeError, match="choice_weight -1"):
+        _recipe(conf_dir, grounding_dir, tmp_path / "e", box_attention={"layer": 0, "choice_weight": -1})
+    with pytest.raises(RecipeError, match="teacher_forced cannot be combined with training.activation_checkpointing"):
+        _recipe(conf_dir, grounding_dir, tmp_path / "f", box_attention={"layer": 0, "teacher_forced": True},
+                activation_checkpointing=True)
     with pytest.raises(TrainError, match="box_attention.layer is 99"):
         Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "c", box_attention={"layer": 99}))
     with pytest.raises(TrainError, match="heads"):
         Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "d", box_attention={"layer": 0, "heads": [64]}))
+
+
+@pytest.mark.parametrize("variant", ["tiny_like", "small_like"])  # multi-head and latent attention
+def test_forced_heads_attend_evenly_to_the_box_and_take_no_gradient_from_it(conf_dir: Path, variant: str) -> None:
+    from dsvl2.checkpoint import load_model
+    from dsvl2.language.model import causal_mask
+    from dsvl2.language.rope import rotary_cos_sin
+
+    model = load_model(conf_dir / variant)
+    attention = model.language.model.layers[1].self_attn
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, model.cfg.language.hidden_size)
+    positions = torch.arange(12).expand(2, 12)
+    mask = causal_mask(positions, 12)
+    rope = rotary_cos_sin(model.cfg.language, positions)
+    target = BoxTarget(row=1, queries=(8, 9), keys=(2, 3, 4, 5), global_keys=(3, 5), choice=1)
+    output = attention(x, rope, mask)
+    forced = force_box_attention(attention, x, rope, mask, output, [target], heads=(0,))
+    with torch.no_grad():
+        weights = torch.stack([attention.attention_log_probs(x[r:r + 1], (rope[0][r:r + 1], rope[1][r:r + 1]),
+                                                             mask[r:r + 1], torch.arange(12)) for r in range(2)]).exp()
+        weights[1, 0, 8:10] = 0.0
+        weights[1, 0, 8:10, [3, 5]] = 0.5
+        values = torch.stack([attention.head_values(x[r:r + 1]) for r in range(2)])
+        expected = attention.o_proj((weights @ values).transpose(1, 2).reshape(2, 12, -1))
+    assert torch.allclose(forced, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(forced[0], output[0]) and torch.equal(forced[1, :8], output[1, :8])
+    assert not torch.allclose(forced[1, 8:10], output[1, 8:10], atol=1e-4)
+    # What the forced positions give depends on head 0's values but not on where head 0 would look.
+    query = attention.q_proj.weight if hasattr(attention, "q_proj") else attention.q_b_proj.weight
+    forced[1, 8:10].sum().backward()
+    per_head = query.grad.view(attention.n_heads, -1, query.shape[1])
+    assert per_head[0].abs().max() < 1e-6 < per_head[1].abs().max()

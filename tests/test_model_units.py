@@ -212,13 +212,7 @@ def test_attention_log_probs_are_the_weights_forward_applies(conf_dir, variant: 
                                                                mask[r:r + 1], every) for r in range(2)])
         some = attention.attention_log_probs(x[1:], (rope[0][1:], rope[1][1:]), mask[1:], torch.tensor([10, 4]))
         expected = attention(x, rope, mask)
-        if isinstance(attention, MultiHeadLatentAttention):
-            latent = attention.kv_a_layernorm(attention.kv_a_proj_with_mqa(x)[..., : attention.rank])
-            kv = attention.kv_b_proj(latent).view(2, 12, attention.n_heads, -1)
-            values = kv[..., attention.nope_dim:].transpose(1, 2)
-        else:
-            values = attention.v_proj(x).view(2, 12, attention.n_kv_heads, -1).transpose(1, 2)
-            values = values.repeat_interleave(attention.n_heads // attention.n_kv_heads, dim=1)
+        values = torch.stack([attention.head_values(x[r:r + 1]) for r in range(2)])  # [2, H, 12, dv]
         mixed = (log_probs.exp() @ values).transpose(1, 2).reshape(2, 12, -1)
         rebuilt = attention.o_proj(mixed)
     assert log_probs.shape == (2, attention.n_heads, 12, 12)

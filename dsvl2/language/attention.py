@@ -91,6 +91,11 @@ class MultiHeadAttention(nn.Module):
         scores = torch.einsum("bhqd,bhld->bhql", q, k).float() * self.head_dim**-0.5
         return scores.masked_fill(~mask[:, :, positions], float("-inf")).log_softmax(dim=-1)[0]
 
+    def head_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head values [H, L, head_dim] of one sequence x [1, L, D]: what each head's weights average."""
+        v = self.v_proj(x[0]).view(x.shape[1], self.n_kv_heads, self.head_dim).transpose(0, 1)
+        return v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
 
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, cfg: LanguageConfig, layer: int) -> None:
@@ -163,6 +168,12 @@ class MultiHeadLatentAttention(nn.Module):
         scores = torch.einsum("bhqr,blr->bhql", q_latent, latent) + torch.einsum("bhqd,bld->bhql", q_pe, k_pe)
         scores = (scores.float() * self.scale).masked_fill(~mask[:, :, positions], float("-inf"))
         return scores.log_softmax(dim=-1)[0]
+
+    def head_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head values [H, L, v_dim] of one sequence x [1, L, D]: what each head's weights average."""
+        latent = self.kv_a_layernorm(self.kv_a_proj_with_mqa(x[0])[:, : self.rank])
+        w_v = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)[:, self.nope_dim:]
+        return torch.einsum("lr,hvr->hlv", latent, w_v)
 
     def expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor

@@ -9,6 +9,13 @@ shape. With the loss (layer 2, head 0) the head's mass on the box reached 0.86 a
 shape far more often (76% of held-out grounding answers against 55%); the answer still does not follow the
 head to the *named* shape (`recipes/default/selection.py` measures both).
 
+Two options aim at the choice itself. `choice_weight` counts the loss again over the positions before
+the first digit (`<|det|>` and `[[`), where the box is chosen; later positions can find the shape from
+digits already written. `teacher_forced` replaces, while training, the chosen heads' output at the box
+positions by what they would give attending evenly to the box's global-view tokens
+(`force_box_attention`): whatever reads the box downstream then learns from heads that look at the right
+object, while the heads learn where to look from the loss alone.
+
 The map from image tokens to image regions is pure geometry: `image_token_centres` follows the token
 layout of `dsvl2.projector.layout_image_tokens` (global view, separator, local view; a newline token
 ends every row) and the padding of `Processor.tile_image`.
@@ -34,6 +41,8 @@ class BoxTarget:
     row: int  # batch row
     queries: tuple[int, ...]  # positions whose next token belongs to the box
     keys: tuple[int, ...]  # image-token positions inside the box
+    global_keys: tuple[int, ...]  # those of the global view (the view whose tokens stage vision taught boxes)
+    choice: int  # leading queries written before the box's first digit: where the box is chosen
 
 
 def image_token_centres(width: int, height: int, best_width: int, best_height: int, tile_size: int,
@@ -62,6 +71,8 @@ def image_token_centres(width: int, height: int, best_width: int, best_height: i
 def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_side: int) -> list[BoxTarget]:
     """A `BoxTarget` for every one-box `<|det|>` span of the answers of the batch's one-image rows."""
     det, end = tokenizer.token_to_id("<|det|>"), tokenizer.token_to_id("<|/det|>")
+    digits = {tokenizer.token_to_id(str(digit)) for digit in range(10)}
+    global_tokens = tokens_per_side * (tokens_per_side + 1)  # the global view's rows, newlines included
     targets = []
     for row in range(batch.input_ids.shape[0]):
         sizes = batch.image_sizes[row] if row < len(batch.image_sizes) else []
@@ -83,26 +94,57 @@ def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_s
             if parsed.errors or len(boxes) != 1:
                 continue
             x1, y1, x2, y2 = boxes[0]
-            keys = tuple(position for position, centre in zip(image_positions, centres, strict=True)
-                         if centre is not None and x1 <= centre[0] <= x2 and y1 <= centre[1] <= y2)
-            if keys:
-                targets.append(BoxTarget(row, tuple(range(start, stop)), keys))
+            inside = [index for index, centre in enumerate(centres)
+                      if centre is not None and x1 <= centre[0] <= x2 and y1 <= centre[1] <= y2]
+            if inside:
+                choice = next(i for i, token in enumerate(ids[start + 1: stop + 1]) if token in digits or token == end)
+                targets.append(BoxTarget(row, tuple(range(start, stop)), tuple(image_positions[i] for i in inside),
+                                         tuple(image_positions[i] for i in inside if i < global_tokens), choice + 1))
     return targets
 
 
 def box_attention_loss(attention: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                       mask: torch.Tensor, targets: list[BoxTarget], heads: tuple[int, ...]
+                       mask: torch.Tensor, targets: list[BoxTarget], heads: tuple[int, ...], choice_weight: float = 0.0
                        ) -> tuple[torch.Tensor, float]:
-    """Mean -log(attention mass on the box's tokens) of `heads` over every target's query positions, and the
-    mean mass itself (for the log). x, rope and mask are the batch's inputs of the layer `attention`."""
+    """Mean -log(attention mass on the box's tokens) of `heads` over every target's query positions, plus
+    `choice_weight` times its mean over the positions before the first digit, and the mean mass itself (for
+    the log). x, rope and mask are the batch's inputs of the layer `attention`."""
     losses, masses = [], []
     for target in targets:
         row = slice(target.row, target.row + 1)
         positions = torch.tensor(target.queries, device=x.device)
         log_probs = attention.attention_log_probs(x[row], (rope[0][row], rope[1][row]), mask[row], positions)
         mass = log_probs[list(heads)][:, :, list(target.keys)].logsumexp(dim=-1)  # [heads, queries]
-        losses.append(-mass.mean())
+        loss = -mass.mean()
+        if choice_weight:
+            loss = loss - choice_weight * mass[:, : target.choice].mean()
+        losses.append(loss)
         masses.append(mass.detach().exp().mean())
     if not losses:
         return x.new_zeros(()), 0.0
     return torch.stack(losses).mean(), float(torch.stack(masses).mean())
+
+
+def force_box_attention(attention: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                        mask: torch.Tensor, output: torch.Tensor, targets: list[BoxTarget], heads: tuple[int, ...]
+                        ) -> torch.Tensor:
+    """`output` [B, T, D] of the layer `attention` with `heads`, at every target's query positions, attending
+    evenly to the box's global-view tokens instead of where they looked (teacher-forced attention). What
+    reads the box downstream then learns from heads that look at the named object, whatever the heads'
+    own weights say; those learn where to look from `box_attention_loss` alone (the forced output does
+    not depend on them)."""
+    output = output.clone()
+    for target in targets:
+        if not target.global_keys:
+            continue
+        row = slice(target.row, target.row + 1)
+        positions = torch.tensor(target.queries, device=x.device)
+        weights = attention.attention_log_probs(x[row], (rope[0][row], rope[1][row]), mask[row], positions).exp()
+        values = attention.head_values(x[row])  # [H, L, dv]
+        width = values.shape[-1]
+        for head in heads:
+            looked = weights[head].to(values.dtype) @ values[head]  # [Q, dv]
+            forced = values[head, list(target.global_keys)].mean(dim=0, keepdim=True)
+            o_proj = attention.o_proj.weight[:, head * width: (head + 1) * width]
+            output[target.row, positions] = output[target.row, positions] + (forced - looked) @ o_proj.T
+    return output

@@ -17,7 +17,8 @@ to a default), and every error names the offending key.
     optimizer: {lr: 2.0e-5, module_lr: {projector: 1.0e-4}}
     schedule: {warmup_steps: 100}
     training: {steps: 1000, micro_batch_size: 2, grad_accum: 8, dtype: bfloat16}
-    # optional: training.box_attention: {layer: 2, heads: [0], weight: 1.0} (see dsvl2.train.box_attention)
+    # optional: training.box_attention: {layer: 2, heads: [0], weight: 1.0, choice_weight: 0.0,
+    #                                    teacher_forced: false} (see dsvl2.train.box_attention)
     output: {dir: runs/sft, save_every: 500}
 """
 
@@ -91,6 +92,8 @@ class BoxAttentionSection:
     layer: int
     heads: tuple[int, ...] = (0,)
     weight: float = 1.0  # relative to the mean next-token loss
+    choice_weight: float = 0.0  # extra weight of the positions before the box's first digit (where it is chosen)
+    teacher_forced: bool = False  # the heads' outputs at the box are forced onto it while training
 
 
 @dataclass(frozen=True)
@@ -274,9 +277,15 @@ def _check(recipe: TrainRecipe) -> None:
     if not 0 <= recipe.schedule.min_lr_ratio <= 1:
         raise RecipeError(f"schedule.min_lr_ratio must be in [0, 1], got {recipe.schedule.min_lr_ratio}")
     box = recipe.training.box_attention
-    if box is not None and (box.layer < 0 or not box.heads or min(box.heads) < 0 or box.weight <= 0):
-        raise RecipeError("training.box_attention needs layer >= 0, a non-empty list of heads >= 0 and weight > 0, "
-                          f"got layer {box.layer}, heads {list(box.heads)}, weight {box.weight}")
+    if box is not None and (box.layer < 0 or not box.heads or min(box.heads) < 0 or box.weight <= 0
+                            or box.choice_weight < 0):
+        raise RecipeError("training.box_attention needs layer >= 0, a non-empty list of heads >= 0, weight > 0 and "
+                          f"choice_weight >= 0, got layer {box.layer}, heads {list(box.heads)}, weight {box.weight}, "
+                          f"choice_weight {box.choice_weight}")
+    if box is not None and box.teacher_forced and recipe.training.activation_checkpointing:
+        # The recomputed forward would run without the forcing, and the gradients would not match the loss.
+        raise RecipeError("training.box_attention.teacher_forced cannot be combined with "
+                          "training.activation_checkpointing")
     if recipe.training.device not in ("auto", "cpu") and not recipe.training.device.startswith("cuda"):
         raise RecipeError(f"training.device is {recipe.training.device!r}; expected auto, cpu or cuda[:N]")
 

@@ -40,7 +40,7 @@ from dsvl2.checkpoint import load_model, save_model
 from dsvl2.config import ConfigError, load_json, model_config_from_dict
 from dsvl2.model import DeepseekVL2, init_weights
 from dsvl2.processor import Batch, Processor
-from dsvl2.train.box_attention import BoxTarget, box_attention_loss, box_targets
+from dsvl2.train.box_attention import BoxTarget, box_attention_loss, box_targets, force_box_attention
 from dsvl2.train.data import SKIP_REASONS, DataError, DataSource, TrainDataset, TrainLoader
 from dsvl2.train.recipe import BoxAttentionSection, RecipeError, TrainRecipe, load_recipe
 from dsvl2.train.stages import (
@@ -287,10 +287,17 @@ class LossModule(nn.Module):
         self.touch_all = touch_all
         self.box_attention = box_attention
         self._attention_inputs: tuple = ()
+        self._box_targets: list[BoxTarget] = []
         if box_attention is not None:
             attention = model.language.model.layers[box_attention.layer].self_attn
-            # The layer's inputs (normed hidden states, rotary tables, mask) give its attention weights.
-            attention.register_forward_hook(lambda module, args, output: setattr(self, "_attention_inputs", args))
+            attention.register_forward_hook(self._box_attention_hook)
+
+    def _box_attention_hook(self, attention: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        # The layer's inputs (normed hidden states, rotary tables, mask) give its attention weights.
+        self._attention_inputs = args
+        if self.box_attention is not None and self.box_attention.teacher_forced and self._box_targets:
+            return force_box_attention(attention, *args[:3], output, self._box_targets, self.box_attention.heads)
+        return None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 images: torch.Tensor, images_seq_mask: torch.Tensor, images_spatial_crop: torch.Tensor,
@@ -305,13 +312,18 @@ class LossModule(nn.Module):
             embeds = embeds + 0.0 * unused.to(embeds.dtype)
         targets = labels[:, 1:]
         predicts = F.pad(targets != -100, (0, 1))  # positions whose next token is a label
-        out = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_mask=predicts)
+        self._box_targets = box_targets or []
+        try:
+            out = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_mask=predicts)
+        finally:
+            self._box_targets = []
         ce_sum = F.cross_entropy(out.logits.float(), targets[targets != -100], reduction="sum")
         box_loss = box_mass = None
         if self.box_attention is not None and box_targets:
             attention = model.language.model.layers[self.box_attention.layer].self_attn
             x, rope, mask = self._attention_inputs[:3]
-            box_loss, mass = box_attention_loss(attention, x, rope, mask, box_targets, self.box_attention.heads)
+            box_loss, mass = box_attention_loss(attention, x, rope, mask, box_targets, self.box_attention.heads,
+                                                self.box_attention.choice_weight)
             box_mass = torch.tensor(mass)
         self._attention_inputs = ()
         return ce_sum, out.aux_loss, out.expert_indices, box_loss, box_mass
