@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,13 @@ def test_box_attention_settings_are_checked(conf_dir: Path, grounding_dir: Path,
         Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "c", box_attention={"layer": 99}))
     with pytest.raises(TrainError, match="heads"):
         Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "d", box_attention={"layer": 0, "heads": [64]}))
+    tail = tmp_path / "tail_model"
+    shutil.copytree(conf_dir / "small_like", tail)
+    config = json.loads((tail / "config.json").read_text())
+    (tail / "config.json").write_text(json.dumps({**config, "global_view_pos": "tail"}))
+    raw = _recipe(conf_dir, grounding_dir, tmp_path / "g", box_attention={"layer": 0}).raw
+    with pytest.raises(TrainError, match="global_view_pos 'head'.*'tail'"):
+        Trainer(recipe_from_dict({**raw, "model": {"checkpoint": str(tail)}}, tmp_path))
 
 
 @pytest.mark.parametrize("variant", ["tiny_like", "small_like"])  # multi-head and latent attention

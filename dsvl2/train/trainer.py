@@ -468,6 +468,10 @@ class Trainer:
         if box is not None and max(box.heads) >= cfg.num_attention_heads:
             raise TrainError(f"training.box_attention.heads {list(box.heads)} name a head >= the "
                              f"{cfg.num_attention_heads} attention heads of the language model")
+        if box is not None and self.model.cfg.global_view_pos != "head":
+            # image_token_centres and the global-view keys follow the layout with the global view first.
+            raise TrainError(f"training.box_attention needs global_view_pos 'head' (the global view's tokens "
+                             f"first); the model's config has {self.model.cfg.global_view_pos!r}")
         return box
 
     def _wrap(self) -> nn.Module:
