@@ -156,6 +156,11 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(latent), apply_rotary(k_pe[:, None], *rope, interleaved=True)[:, 0]
 
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's weight per head, split into its key half [H, nope_dim, rank] and value half [H, v_dim, rank]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)
+        return w.split([self.nope_dim, self.v_dim], dim=1)
+
     def attention_log_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                             positions: torch.Tensor) -> torch.Tensor:
         """Log of the attention weights [H, Q, L] (float32) that `forward` gives the queries at `positions`
@@ -163,7 +168,7 @@ class MultiHeadLatentAttention(nn.Module):
         as the absorbed path, so no per-head keys are made."""
         q_nope, q_pe = self._queries(x[:, positions], (rope[0][:, positions], rope[1][:, positions]))
         latent, k_pe = self._latent(x, rope)
-        w_k = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)[:, : self.nope_dim]
+        w_k, _ = self._kv_b_weights()
         q_latent = torch.einsum("bhqd,hdr->bhqr", q_nope, w_k)
         scores = torch.einsum("bhqr,blr->bhql", q_latent, latent) + torch.einsum("bhqd,bld->bhql", q_pe, k_pe)
         scores = (scores.float() * self.scale).masked_fill(~mask[:, :, positions], float("-inf"))
@@ -172,7 +177,7 @@ class MultiHeadLatentAttention(nn.Module):
     def head_values(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head values [H, L, v_dim] of one sequence x [1, L, D]: what each head's weights average."""
         latent = self.kv_a_layernorm(self.kv_a_proj_with_mqa(x[0])[:, : self.rank])
-        w_v = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)[:, self.nope_dim:]
+        _, w_v = self._kv_b_weights()
         return torch.einsum("lr,hvr->hlv", latent, w_v)
 
     def expanded(
@@ -191,8 +196,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention in the latent space: kv_b_proj's key half is folded into the query and its
         value half applied after the weighted sum; returns [B, H, T, v_dim]."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)
-        w_k, w_v = w.split([self.nope_dim, self.v_dim], dim=1)
+        w_k, w_v = self._kv_b_weights()
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
         scores = torch.einsum("bhtr,blr->bhtl", q_latent, latent) + torch.einsum("bhtd,bld->bhtl", q_pe, k_pe)
         scores = (scores.float() * self.scale).masked_fill(~mask, float("-inf"))

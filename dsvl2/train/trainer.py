@@ -461,14 +461,16 @@ class Trainer:
 
     def _check_box_attention(self) -> BoxAttentionSection | None:
         box = self.recipe.training.box_attention
+        if box is None:
+            return None
         cfg = self.model.cfg.language
-        if box is not None and box.layer >= cfg.num_hidden_layers:
+        if box.layer >= cfg.num_hidden_layers:
             raise TrainError(f"training.box_attention.layer is {box.layer} but the language model has "
                              f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})")
-        if box is not None and max(box.heads) >= cfg.num_attention_heads:
+        if max(box.heads) >= cfg.num_attention_heads:
             raise TrainError(f"training.box_attention.heads {list(box.heads)} name a head >= the "
                              f"{cfg.num_attention_heads} attention heads of the language model")
-        if box is not None and self.model.cfg.global_view_pos != "head":
+        if self.model.cfg.global_view_pos != "head":
             # image_token_centres and the global-view keys follow the layout with the global view first.
             raise TrainError(f"training.box_attention needs global_view_pos 'head' (the global view's tokens "
                              f"first); the model's config has {self.model.cfg.global_view_pos!r}")
