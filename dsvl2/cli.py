@@ -19,9 +19,6 @@ from typing import Any, TextIO
 
 from dsvl2.errors import InputError
 
-IMAGE_TAG = "<image>"
-
-
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 
@@ -137,13 +134,6 @@ def load_engine(args: argparse.Namespace, max_batch: int = 1) -> Any:
                                   max_batch=max_batch, max_len=args.max_len)
 
 
-def with_image_tags(text: str, num_images: int) -> str:
-    """Put one `<image>` line per image before the text unless the text places its own tags."""
-    if IMAGE_TAG in text:
-        return text
-    return f"{IMAGE_TAG}\n" * num_images + text
-
-
 def guarded_run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Turn expected failures (bad input, bad checkpoint) into a one-line message and exit code."""
     from dsvl2.checkpoint import CheckpointError
@@ -192,13 +182,15 @@ def _split_prompt(args: argparse.Namespace) -> tuple[str, list[str]]:
 
 def _generate(args: argparse.Namespace) -> int:
     from dsvl2.engine.generate import Request
+    from dsvl2.processor import with_image_tags
 
     prompt, images = _split_prompt(args)
     sampling = sampling_from_args(args)
     sampling.validate()
     engine = load_engine(args)
     conversation = [{"role": "system", "content": args.system}] if args.system else []
-    conversation.append({"role": "user", "content": with_image_tags(prompt, len(images))})
+    position = engine.processor.config.image_tag_position
+    conversation.append({"role": "user", "content": with_image_tags(prompt, len(images), position)})
     request = Request(conversation, images, sampling)
     if args.json:
         completion = engine.generate(request)
@@ -301,7 +293,7 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO 
     sampling.validate()
     engine = load_engine(args)
     interactive = stdin.isatty()
-    session = ChatSession(args.system)
+    session = ChatSession(args.system, engine.processor.config.image_tag_position)
     print(CHAT_HELP, file=sys.stderr)
     while True:
         if interactive:
@@ -334,8 +326,9 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO 
 class ChatSession:
     """The conversation so far, and the images attached to the message being written."""
 
-    def __init__(self, system: str | None = None) -> None:
+    def __init__(self, system: str | None = None, image_tag_position: str = "before") -> None:
         self.system = system
+        self.image_tag_position = image_tag_position
         self.reset()
 
     def reset(self) -> None:
@@ -366,7 +359,10 @@ class ChatSession:
 
     def ask(self, text: str) -> tuple[list[dict], list[str]]:
         """Add a user message (with the attached images) and return the conversation to answer."""
-        self.messages.append({"role": "user", "content": with_image_tags(text, len(self.attached))})
+        from dsvl2.processor import with_image_tags
+
+        content = with_image_tags(text, len(self.attached), self.image_tag_position)
+        self.messages.append({"role": "user", "content": content})
         self._asked_images = len(self.attached)
         self.images += self.attached
         self.attached = []

@@ -64,6 +64,7 @@ class ProjectorConfig:
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+IMAGE_TAG_POSITIONS = ("before", "after")
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,9 @@ class ProcessorConfig:
     mask_prompt: bool = True
     ignore_id: int = -100
     image_size: int = 384
+    # Where a prompt given as text plus images gets its `<image>` tags: "before" the text (the released
+    # checkpoints' format) or "after" it (the default model, trained with the question first).
+    image_tag_position: str = "before"
 
     @property
     def tokens_per_tile_side(self) -> int:
@@ -292,6 +296,9 @@ def processor_config_from_dict(raw: dict[str, Any], image_size: int = 384) -> Pr
                  convert=convert)
     if cfg.sft_format != "deepseek":
         raise ConfigError(f"processor_config.sft_format is {cfg.sft_format!r}; only 'deepseek' is supported")
+    if cfg.image_tag_position not in IMAGE_TAG_POSITIONS:
+        raise ConfigError(f"processor_config.image_tag_position is {cfg.image_tag_position!r}; "
+                          f"expected one of {IMAGE_TAG_POSITIONS}")
     return cfg
 
 

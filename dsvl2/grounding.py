@@ -158,15 +158,16 @@ def format_grounding(label: str | None, boxes: Iterable[Sequence[int]]) -> str:
 
 
 def referring_prompt(expression: str) -> str:
-    """User prompt asking for the boxes of a referring expression in the (single) image."""
+    """Question asking for the boxes of a referring expression (`dsvl2.processor.with_image_tags` adds
+    the image's tag where the model expects it)."""
     _check_free_text(expression, "a referring expression")
-    return f"{IMAGE_TAG}\n{REF_OPEN}{expression}{REF_CLOSE}."
+    return f"{REF_OPEN}{expression}{REF_CLOSE}."
 
 
 def grounded_caption_prompt(instruction: str = "Describe the image in detail.") -> str:
-    """User prompt asking for a description whose objects are grounded with boxes."""
+    """Question asking for a description whose objects are grounded with boxes (image tag: as above)."""
     _check_free_text(instruction, "a grounded-captioning instruction")
-    return f"{IMAGE_TAG}\n{GROUNDING_TAG}{instruction}"
+    return f"{GROUNDING_TAG}{instruction}"
 
 
 _COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from dsvl2.config import ProcessorConfig, load_model_config, load_processor_config
+from dsvl2.config import IMAGE_TAG_POSITIONS, ProcessorConfig, load_model_config, load_processor_config
 from dsvl2.errors import ImageCountError, InputError, PromptTooLongError
+from dsvl2.grounding import IMAGE_TAG
 from dsvl2.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from dsvl2.tokenizer import ROLE_TOKENS, Tokenizer
 from dsvl2.vision.tiling import num_image_tokens, select_tile_grid, tile_counts, tokens_per_tile_side
@@ -116,6 +117,17 @@ def _parse_conversation(conversation: Sequence[Mapping[str, Any]]) -> list[_Turn
             raise InputError(f"message {index}: a system message may only be the first message")
         turns.append(_Turn(role, content.strip()))
     return turns
+
+
+def with_image_tags(text: str, num_images: int, position: str = "before") -> str:
+    """The text with one `<image>` line per image before it (position "before") or after it ("after"),
+    unless the text places its own tags; a model's processor config says which position it was trained on."""
+    if IMAGE_TAG in text or num_images == 0:
+        return text
+    if position not in IMAGE_TAG_POSITIONS:
+        raise InputError(f"image tag position {position!r}; expected one of {IMAGE_TAG_POSITIONS}")
+    tags = "\n".join([IMAGE_TAG] * num_images)
+    return f"{tags}\n{text}" if position == "before" else f"{text}\n{tags}"
 
 
 def _user_prompt(text: str) -> str:

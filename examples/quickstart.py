@@ -16,13 +16,16 @@ from dsvl2.defaults import default_model_dir
 from dsvl2.engine import Engine, Request, SamplingParams
 from dsvl2.grounding import box_to_pixels, draw_boxes, parse_grounding
 from dsvl2.images import load_image
+from dsvl2.processor import with_image_tags
 
 IMAGES = Path(__file__).resolve().parent / "images"
 
 
 def ask(engine: Engine, image: Path, question: str) -> str:
     """One question about one image, answered greedily."""
-    conversation = [{"role": "user", "content": f"<image>\n{question}"}]
+    # The bundled model was trained with the question before the image; its processor config says so.
+    content = with_image_tags(question, 1, engine.processor.config.image_tag_position)
+    conversation = [{"role": "user", "content": content}]
     request = Request(conversation, [image], SamplingParams(max_new_tokens=64))
     return engine.generate(request).text
 

@@ -51,7 +51,7 @@ timed data make_data
 prepare() {  # prepare DIR [--tokenizer-out BASE]: multi-turn records and the grounding parts of them
     local dir="$1"; shift
     "$PYTHON" "$RECIPE/prepare.py" --data "$dir/train.jsonl" --train-out "$dir/train_mt.jsonl" \
-        --grounding-out "$dir/train_mt_grounding.jsonl" --one-object-out "$dir/train_mt_one_object.jsonl" "$@"
+        --grounding-out "$dir/train_st_grounding.jsonl" --one-object-out "$dir/train_mt_one_object.jsonl" "$@"
 }
 timed prepare prepare "$RUN/data" --tokenizer-out "$RUN/base"
 prepare "$RUN/data_focus"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 
 import pytest
@@ -75,6 +76,33 @@ def test_generate_grounding_json_and_boxes(tmp_path, capsys, monkeypatch) -> Non
     drawn, original = Image.open(boxes).convert("RGB"), Image.open(image_path("square")).convert("RGB")
     assert drawn.size == original.size
     assert drawn.getpixel((width // 2 - 1, height // 2)) != original.getpixel((width // 2 - 1, height // 2))
+
+
+def test_generate_places_image_tags_where_the_processor_config_says(tmp_path, capsys, monkeypatch) -> None:
+    model_dir = tmp_path / VARIANTS[0]
+    shutil.copytree(conformance_dir() / VARIANTS[0], model_dir)
+    settings = json.loads((model_dir / "processor_config.json").read_text())
+    generate, asked = Engine.generate, []
+
+    def recording_generate(engine, request):
+        asked.append(request.conversation[-1]["content"])
+        return generate(engine, request)
+
+    monkeypatch.setattr(Engine, "generate", recording_generate)
+    for position in ("after", "before"):
+        (model_dir / "processor_config.json").write_text(json.dumps({**settings, "image_tag_position": position}))
+        code, _, err = run_cli(["generate", "--model", str(model_dir), "--image", str(image_path("square")),
+                                "Describe this image.", "--max-new-tokens", "1", "--json"], capsys)
+        assert code == 0, err
+    assert asked == ["Describe this image.\n<image>", "<image>\nDescribe this image."]
+
+
+def test_chat_session_places_image_tags_by_position() -> None:
+    for position, expected in (("before", "<image>\nWhat is it?"), ("after", "What is it?\n<image>")):
+        session = cli.ChatSession(image_tag_position=position)
+        session.attached = ["a.png"]
+        conversation, images = session.ask("What is it?")
+        assert conversation == [{"role": "user", "content": expected}] and images == ["a.png"]
 
 
 def test_generate_reports_bad_input(capsys, monkeypatch, tmp_path) -> None:
@@ -155,10 +183,4 @@ def test_prompt_after_a_list_of_images_is_not_taken_for_an_image() -> None:
                               "Compare them."])
     assert cli._split_prompt(args) == ("Compare them.", [str(image_path("square")), str(image_path("wide"))])
 
-
-def test_image_tags_are_added_once_per_image() -> None:
-    assert cli.with_image_tags("Describe.", 1) == "<image>\nDescribe."
-    assert cli.with_image_tags("Compare.", 3) == "<image>\n<image>\n<image>\nCompare."
-    assert cli.with_image_tags("A <image> B", 1) == "A <image> B"
-    assert cli.with_image_tags("No image.", 0) == "No image."
 

@@ -130,12 +130,14 @@ def test_recipe_multi_turn_answers_follow_the_metadata(tmp_path):
         expanded = prepare.multi_turn(record, rng)
         messages = expanded["messages"]
         assert messages[:2] == record["messages"]  # the evaluation-format turn comes first, unchanged
-        assert messages[0]["content"].startswith("<image>")
+        assert messages[0]["content"].endswith("\n<image>")  # question first
         assert all("<image>" not in m["content"] for m in messages[1:])
         pairs = list(zip(messages[2::2], messages[3::2], strict=True))
         extra_turns += len(pairs)
         for question, answer in pairs:
             _check_answer(record, question["content"], answer["content"])
+            # a later question cannot be seen by the image tokens: no choosing among shapes there
+            assert "<|ref|>" not in question["content"] or len(record["objects"]) == 1
     assert extra_turns > len(records)
 
 
@@ -162,9 +164,10 @@ def _check_answer(record: dict, question: str, answer: str) -> None:
         pytest.fail(f"unexpected question {question!r}")
 
 
-def test_recipe_grounding_parts_are_the_grounding_scenes_of_the_multi_turn_file(tmp_path):
-    """prepare.py's grounding files hold exactly the multi-turn records of grounding and grounded-caption
-    scenes (one-shape scenes only for --one-object-out), as written in the full file."""
+def test_recipe_grounding_file_is_single_turn_with_every_shape_asked(tmp_path):
+    """prepare.py's grounding file holds the grounding and grounded-caption records as generated, then one
+    single-turn record, question first, per other shape of a scene of several; --one-object-out holds the
+    multi-turn records of one-shape scenes, as written in the multi-turn file."""
     prepare = _load_recipe_script("prepare")
     generate_dataset(tmp_path, 60, seed=2, split="train",
                      tasks=["grounding", "grounded_caption", "counting", "ocr"])
@@ -172,10 +175,21 @@ def test_recipe_grounding_parts_are_the_grounding_scenes_of_the_multi_turn_file(
     assert prepare.main(["--data", str(tmp_path / "train.jsonl"), "--train-out", str(out["all"]),
                          "--grounding-out", str(out["grounding"]), "--one-object-out", str(out["one"])]) == 0
     read = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in out.items()}
-    grounding = [r for r in read["all"] if r["task"] in ("grounding", "grounded_caption")]
-    assert read["grounding"] == grounding and len(grounding) < len(read["all"])
-    assert read["one"] == [r for r in grounding if len(r["objects"]) == 1] and read["one"]
-    assert any(len(r["objects"]) > 1 for r in read["grounding"])
+    generated = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    scenes = [r for r in generated if r["task"] in ("grounding", "grounded_caption")]
+    assert read["grounding"][:len(scenes)] == scenes
+    singles = read["grounding"][len(scenes):]
+    several = [r for r in scenes if len(r["objects"]) > 1]
+    # every shape but (at most) the one the record's own question names
+    assert sum(len(r["objects"]) - 1 for r in several) <= len(singles) <= sum(len(r["objects"]) for r in several)
+    for single in singles:
+        assert len(single["messages"]) == 2
+        question, answer = (m["content"] for m in single["messages"])
+        assert question.endswith("\n<image>")
+        _check_answer(single, question.removesuffix("\n<image>"), answer)
+        assert parse_det_boxes(answer) == [single["objects"][single["target"]]["box"]]
+    multi_turn_scenes = [r for r in read["all"] if r["task"] in ("grounding", "grounded_caption")]
+    assert read["one"] == [r for r in multi_turn_scenes if len(r["objects"]) == 1] and read["one"]
     with pytest.raises(SystemExit):
         prepare.main(["--data", str(tmp_path / "train.jsonl"), "--one-object-out", str(out["one"])])
 

@@ -116,8 +116,8 @@ def test_format_grounding_matches_the_training_form() -> None:
 
 
 def test_prompt_builders() -> None:
-    assert referring_prompt("The giraffe at the back") == "<image>\n<|ref|>The giraffe at the back<|/ref|>."
-    assert grounded_caption_prompt() == "<image>\n<|grounding|>Describe the image in detail."
+    assert referring_prompt("The giraffe at the back") == "<|ref|>The giraffe at the back<|/ref|>."
+    assert grounded_caption_prompt() == "<|grounding|>Describe the image in detail."
     with pytest.raises(InputError, match="<image>"):
         referring_prompt("two <image> tags")
 

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dsvl2.config import ProcessorConfig, load_json, processor_config_from_dict
+from dsvl2.config import ConfigError, ProcessorConfig, load_json, processor_config_from_dict
 from dsvl2.errors import ImageCountError, InputError, PromptTooLongError
 from dsvl2.images import load_image
-from dsvl2.processor import Processor
+from dsvl2.processor import Processor, with_image_tags
 from dsvl2.tokenizer import Tokenizer
 
 CONFORMANCE = Path(
@@ -284,3 +284,20 @@ def test_per_channel_mean_and_std_normalise_and_fill(processor: Processor) -> No
     channel_mean, channel_std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     expected = (tiles.float() / 255 - channel_mean) / channel_std
     assert torch.equal(clip_like.normalize(tiles), expected)
+
+
+def test_image_tags_go_before_or_after_the_text() -> None:
+    assert with_image_tags("Describe.", 1) == "<image>\nDescribe."
+    assert with_image_tags("Compare.", 3) == "<image>\n<image>\n<image>\nCompare."
+    assert with_image_tags("Compare.", 2, "after") == "Compare.\n<image>\n<image>"
+    assert with_image_tags("A <image> B", 1, "after") == "A <image> B"  # the text places its own
+    assert with_image_tags("No image.", 0, "after") == "No image."
+    with pytest.raises(InputError, match="'middle'"):
+        with_image_tags("Describe.", 1, "middle")
+
+
+def test_image_tag_position_is_read_and_checked() -> None:
+    assert processor_config_from_dict({}).image_tag_position == "before"
+    assert processor_config_from_dict({"image_tag_position": "after"}).image_tag_position == "after"
+    with pytest.raises(ConfigError, match="image_tag_position is 'middle'"):
+        processor_config_from_dict({"image_tag_position": "middle"})

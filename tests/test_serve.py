@@ -122,7 +122,7 @@ def test_image_parts_become_tags_at_their_place() -> None:
     ]]
     conversation, images = to_conversation(messages, allow_local_files=False, max_images=4)
     assert conversation == [{"role": "system", "content": "Be brief."},
-                            {"role": "user", "content": "First:<image>\n<image>\nCompare."}]
+                            {"role": "user", "content": "First:\n<image>\n<image>\nCompare."}]
     assert [Image.open(io.BytesIO(data)).size for data in images] == [(4, 4), (5, 5)]
 
 
@@ -140,6 +140,8 @@ def test_grounding_boxes_are_pixels_of_the_last_image() -> None:
 
 def test_models_health_and_page(server: ServerProcess, client) -> None:
     assert [model.id for model in client.models.list().data] == [SERVED_NAME]
+    # The conformance checkpoints keep the released format: images before the text.
+    assert get_json(server.base_url + "/v1/models")[1]["data"][0]["image_tag_position"] == "before"
     assert get_json(server.base_url + "/health") == (200, {"status": "ok"})
     with urllib.request.urlopen(server.base_url + "/", timeout=10) as response:
         page = response.read().decode()

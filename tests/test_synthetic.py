@@ -255,7 +255,7 @@ def test_grounding_answer_matches_unique_target(records: list[dict]) -> None:
     assert grounding
     for record in grounding:
         expression = record["expression"]
-        assert record["messages"][0]["content"] == f"<image>\n<|ref|>{expression}<|/ref|>."
+        assert record["messages"][0]["content"] == f"<|ref|>{expression}<|/ref|>.\n<image>"  # question first
         matching = [i for i, obj in enumerate(record["objects"]) if _describes(expression, obj)]
         assert matching == [record["target"]], f"{expression!r} is ambiguous or names the wrong shape"
         assert parse_det_boxes(record["messages"][1]["content"]) == [record["box"]]
@@ -305,7 +305,7 @@ def test_chart_answers_match_bars(records: list[dict]) -> None:
         elif "lowest" in question:
             assert values.count(min(values)) == 1 and answer == labels[values.index(min(values))]
         else:
-            label = question.removeprefix("<image>\nWhat is the value of bar ").removesuffix("?")
+            label = question.removeprefix("What is the value of bar ").removesuffix("?\n<image>")
             assert answer == str(values[labels.index(label)])
 
 

@@ -192,3 +192,28 @@ def test_pasted_image_is_attached_and_a_refusal_is_shown(page, conf_dir: Path) -
     error = page.wait_for_selector(".msg.error", timeout=30_000)
     assert "image 1" in error.inner_text() and "not a decodable image" in error.inner_text()
     assert page.locator(".thumb .badge").all_inner_texts() == ["new", "new"]  # kept, to fix and resend
+
+
+@pytest.mark.parametrize(("position", "order"), [("after", ["text", "image_url"]), ("before", ["image_url", "text"])])
+def test_message_parts_follow_the_model_cards_image_tag_position(browser, served, conf_dir: Path, position: str,
+                                                                  order: list[str]) -> None:
+    server, _ = served
+    page = browser.new_page()
+    card = {"object": "list", "data": [{"id": SERVED_NAME, "object": "model", "image_tag_position": position}]}
+    page.route("**/v1/models", lambda route: route.fulfill(json=card))
+    sent: list[dict] = []
+
+    def capture(route) -> None:
+        sent.append(route.request.post_data_json)
+        route.abort()
+
+    page.route("**/v1/chat/completions", capture)
+    page.goto(server.base_url + "/")
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{SERVED_NAME}'")
+    page.set_input_files("#file-input", str(conf_dir / "images" / "square.png"))
+    page.wait_for_selector("#stage-image[src^='data:image/png']")
+    page.fill("#prompt", "Where is the square?")
+    page.click("#send")
+    page.wait_for_selector(".msg.error", timeout=10_000)  # the aborted request
+    assert [part["type"] for part in sent[0]["messages"][-1]["content"]] == order
+    page.close()

@@ -307,7 +307,10 @@ def create_app(runner: EngineRunner, settings: ServeSettings, manage_runner: boo
         return PlainTextResponse(runner.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict[str, Any]:
-        return {"id": settings.served_model_name, "object": "model", "created": started_at, "owned_by": "dsvl2"}
+        # image_tag_position tells a client whether this model reads a question's images before the text
+        # ("before") or after it ("after"); the web page orders a message's parts by it.
+        return {"id": settings.served_model_name, "object": "model", "created": started_at, "owned_by": "dsvl2",
+                "image_tag_position": runner.engine.processor.config.image_tag_position}
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:

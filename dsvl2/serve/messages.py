@@ -70,10 +70,10 @@ def _message_text(message: ChatMessage, index: int, images: list[ImageSource], a
         return ""
     parts: Sequence[TextPart | ImagePart] = [TextPart(type="text", text=content)] if isinstance(content, str) \
         else content
-    text, previous = "", None
+    text = ""
     for number, part in enumerate(parts):
         where = f"messages[{index}].content[{number}]"
-        if previous == "image" or (previous == "text" and isinstance(part, TextPart)):
+        if number:  # each part on its own line: "<image>\nQuestion" or "Question\n<image>", as in training
             text += "\n"
         if isinstance(part, ImagePart):
             if message.role != "user":
@@ -81,13 +81,11 @@ def _message_text(message: ChatMessage, index: int, images: list[ImageSource], a
                                param="messages")
             images.append(image_source(part.url, where, allow_local_files))
             text += IMAGE_TAG
-            previous = "image"
         else:
             if IMAGE_TAG in part.text:
                 raise APIError(400, f"{where}: the text must not contain {IMAGE_TAG}; send images as image_url "
                                "parts", "invalid_request", param="messages")
             text += part.text
-            previous = "text"
     return text
 
 

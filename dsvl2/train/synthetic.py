@@ -7,7 +7,7 @@ Output layout (one call = one split):
 
 Image paths in a record are relative to OUT. A visual record looks like
 
-    {"messages": [{"role": "user", "content": "<image>\\n..."}, {"role": "assistant", "content": "..."}],
+    {"messages": [{"role": "user", "content": "...\\n<image>"}, {"role": "assistant", "content": "..."}],
      "images": ["images/train-000123.png"], "task": "grounding", "answers": ["..."], ...metadata}
 
 and carries `answers` (for the eval metrics in dsvl2.eval.metrics, whose registry keys equal the task
@@ -309,8 +309,11 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 def _visual_record(task: str, question: str, answer: str, image: Image.Image, **metadata: Any
                    ) -> tuple[dict, Image.Image]:
+    # The question comes before the image: the image tokens then attend to the words, so each can tell
+    # whether it belongs to what is asked about (a lookup that the default model's language model learns;
+    # asked after the image, it boxed one shape whatever the words named).
     record = {
-        "messages": [{"role": "user", "content": f"{IMAGE_TAG}\n{question}"},
+        "messages": [{"role": "user", "content": f"{question}\n{IMAGE_TAG}"},
                      {"role": "assistant", "content": answer}],
         "images": [],  # filled in by the writer, which knows the file name
         "task": task,

@@ -1,21 +1,24 @@
-"""Make the inputs of the default model's training run: its tokenizer folder and multi-turn training data.
+"""Make the inputs of the default model's training run: its tokenizer folder and training records.
 
     python recipes/default/prepare.py --data DATA/train.jsonl --tokenizer-out BASE --train-out DATA/train_mt.jsonl \
-        [--grounding-out DATA/train_mt_grounding.jsonl] [--one-object-out DATA/train_mt_one_object.jsonl]
+        [--grounding-out DATA/train_st_grounding.jsonl] [--one-object-out DATA/train_mt_one_object.jsonl]
 
 - BASE gets tokenizer.json, tokenizer_config.json, special_tokens_map.json, processor_config.json and
   config.json (a copy of model.json next to this file) in the released layout; the first stage builds
   fresh weights from that config. The tokenizer is a byte-level BPE trained on the text of the training
   records, with digits split one per token (box coordinates and counts are then sequences of the ten
   digit tokens) and every special token of DeepSeek-VL2, begin/end of sentence first (ids 0 and 1).
-- The multi-turn file holds the same images as the input, each with more questions: the synthetic
-  record's own question first (exactly the evaluation format), then further questions about the same
-  picture derived from the record's metadata (the other objects' boxes, other counts, the other bars).
-  Encoding a picture is most of the cost of a training sample on a CPU, so every extra answer about an
-  already encoded picture is nearly free supervision.
-- The grounding parts are the multi-turn records of grounding and grounded-caption scenes, and of those the
-  scenes of one shape: the recipe's warm-up stage reads boxes on one-shape scenes first, and the stages
-  after it draw half of their samples from grounding scenes.
+  Every question of a synthetic record comes before its image; the processor config says so
+  ("image_tag_position": "after"), so that `dsvl2 generate`, `chat` and the web page place tags as in training.
+- The multi-turn file (alignment, and the one-shape scenes of the warm-up: --one-object-out) holds the same
+  images as the input, each with more questions: the record's own question first (exactly the evaluation
+  format), then further questions about the same picture derived from its metadata (counts, the other
+  bars, the box of a lone shape).
+- The grounding file (pretraining and SFT, with the generated single-turn records) holds the grounding and
+  grounded-caption records as generated, plus one single-turn record, question first, for every other
+  shape of a scene of several. Pretraining and SFT use no later turns: a later question comes after the
+  image, whose tokens then cannot see what it names, and with such turns in the mix the language model
+  learnt to box one shape whatever the words said (README, The default model).
 """
 
 from __future__ import annotations
@@ -135,6 +138,7 @@ def processor_config(model_config: dict) -> dict:
         "sft_format": "deepseek",
         "mask_prompt": True,
         "ignore_id": -100,
+        "image_tag_position": "after",
     }
 
 
@@ -202,10 +206,35 @@ def _chart_turns(record: dict, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _scene_turns(record: dict, rng: random.Random) -> list[tuple[str, str]]:
-    """A scene of unique (colour, shape) pairs: every object's box, and a few counts."""
+    """A scene of unique (colour, shape) pairs: a few counts, and the box of a lone shape.
+
+    The boxes of a scene of several shapes are not asked in later turns: a later question comes after the
+    image, whose tokens then cannot see what it names, and trained on such turns the language model boxed
+    one shape whatever the words said. They become single-turn records instead (`single_turn_groundings`).
+    """
     counts = _counting_turns(record, rng)
     rng.shuffle(counts)
-    return _grounding_turns(record, rng) + counts[:MAX_SCENE_COUNTS]
+    boxes = _grounding_turns(record, rng) if len(record["objects"]) == 1 else []
+    return boxes + counts[:MAX_SCENE_COUNTS]
+
+
+def single_turn_groundings(record: dict, rng: random.Random) -> list[dict]:
+    """One single-turn record, question before the image, per shape of a scene of several shapes that the
+    record's own question does not ask for."""
+    if record.get("task") not in ("grounding", "grounded_caption") or len(record.get("objects", [])) < 2:
+        return []
+    asked = {_question(message["content"]) for message in record["messages"] if message["role"] == "user"}
+    objects = record["objects"]
+    return [{"messages": [{"role": "user", "content": f"{question}\n<image>"},
+                          {"role": "assistant", "content": answer}],
+             "images": record["images"], "task": "grounding", "answers": [answer], "image_size": record["image_size"],
+             "box": objects[target]["box"], "target": target, "objects": objects}
+            for target, (question, answer) in enumerate(_grounding_turns(record, rng)) if question not in asked]
+
+
+def _question(content: str) -> str:
+    """A first turn's question without its image tag (the tag comes before or after it)."""
+    return content.removeprefix("<image>\n").removesuffix("\n<image>")
 
 
 _EXTRA_TURNS = {
@@ -222,7 +251,7 @@ def multi_turn(record: dict, rng: random.Random, max_extra: int = MAX_EXTRA_TURN
     make = _EXTRA_TURNS.get(record.get("task"))
     if make is None or "messages" not in record:
         return record
-    asked = {message["content"].removeprefix("<image>\n") for message in record["messages"]}
+    asked = {_question(message["content"]) for message in record["messages"]}
     extra = [(q, a) for q, a in make(record, rng) if q not in asked]
     rng.shuffle(extra)
     messages = list(record["messages"])
@@ -278,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         expanded = write_multi_turn(records, args.train_out, args.seed)
         answers = sum(sum(m["role"] == "assistant" for m in r.get("messages", [])) or 1 for r in expanded)
         print(f"wrote {args.train_out}: {len(records)} records, {answers} answers")
-        for path, subset in ((args.grounding_out, grounding_scenes(expanded)),
+        rng = random.Random(args.seed + 1)
+        singles = [single for record in records for single in single_turn_groundings(record, rng)]
+        for path, subset in ((args.grounding_out, grounding_scenes(records) + singles),
                              (args.one_object_out, grounding_scenes(expanded, objects=1))):
             if path:
                 write_jsonl(subset, path)

@@ -80,7 +80,7 @@ def measure(ask: Ask, records: Sequence[dict[str, Any]], folder: Path, scenes: i
         image, objects = folder / record["images"][0], record["objects"]
         picks = []
         for index, obj in enumerate(objects):
-            question = f"<image>\n<|ref|>the {obj['color']} {obj['shape']}<|/ref|>."
+            question = f"<|ref|>the {obj['color']} {obj['shape']}<|/ref|>.\n<image>"
             picks.append(landing(answer_box(ask(image, question)), objects))
             hits += picks[-1] == index
         asked += len(objects)
