@@ -162,7 +162,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object: text, token ids, finish reason, grounding boxes")
     parser.add_argument("--boxes-out", type=Path, default=None,
                         help="with grounding in the answer, save the first image with the boxes drawn")
-    parser.add_argument("prompt", nargs="?", help="the question; <image> tags place the images (default: first)")
+    parser.add_argument("prompt", nargs="?", help="the question; <image> tags place the images (default: "
+                        "before or after the text, as the model's processor_config.json says)")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dsvl2.checkpoint import load_model
-from dsvl2.config import load_model_config, model_config_from_dict
+from dsvl2.config import load_model_config, load_processor_config, model_config_from_dict
 from dsvl2.defaults import default_model_dir
 from dsvl2.eval.metrics import box_iou, parse_det_boxes
 from dsvl2.tokenizer import Tokenizer
@@ -57,6 +57,13 @@ def test_shipped_config_is_the_recipe_config():
     shipped = load_model_config(default_model_dir())
     recipe = model_config_from_dict(json.loads((RECIPE / "model.json").read_text()))
     assert shipped == recipe
+
+
+def test_shipped_processor_config_is_the_recipes_and_asks_the_question_first():
+    shipped = json.loads((default_model_dir() / "processor_config.json").read_text())
+    recipe = _load_recipe_script("prepare").processor_config(json.loads((RECIPE / "model.json").read_text()))
+    assert shipped == recipe
+    assert load_processor_config(default_model_dir()).image_tag_position == "after"  # as the synthetic records
 
 
 def test_tokenizer_has_every_special_token_and_single_digits():
