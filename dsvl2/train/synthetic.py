@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dsvl2.errors import InputError
-from dsvl2.grounding import format_grounding, pixels_to_box
+from dsvl2.grounding import IMAGE_TAG, format_grounding, pixels_to_box
 
 SPLITS = ("train", "val", "test")
 TASK_WEIGHTS: dict[str, int] = {
@@ -63,7 +63,6 @@ TASK_WEIGHTS: dict[str, int] = {
     "text": 1,
 }
 TASKS = tuple(TASK_WEIGHTS)
-IMAGE_TAG = "<image>"
 
 SHAPE_KINDS = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 # Saturated colours (some channel <= 60) never collide with the light backgrounds (every channel >= 180),

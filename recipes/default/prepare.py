@@ -33,7 +33,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsvl2.config import model_config_from_dict
-from dsvl2.grounding import format_grounding
+from dsvl2.grounding import IMAGE_TAG, format_grounding
+from dsvl2.processor import with_image_tags
 
 RECIPE_DIR = Path(__file__).resolve().parent
 BOS, EOS, UNK, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<unk>", "<｜▁pad▁｜>"
@@ -43,6 +44,7 @@ SPECIAL_TOKENS = (BOS, EOS, UNK, PAD, "<image>", "<|ref|>", "<|/ref|>", "<|det|>
 ROLE_TOKENS = ("<|User|>", "<|Assistant|>")
 MAX_EXTRA_TURNS = 8
 MAX_SCENE_COUNTS = 3  # counting questions added to a grounding scene
+IMAGE_TAG_POSITION = "after"  # the synthetic records ask before the image; so does every record made here
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -138,7 +140,7 @@ def processor_config(model_config: dict) -> dict:
         "sft_format": "deepseek",
         "mask_prompt": True,
         "ignore_id": -100,
-        "image_tag_position": "after",
+        "image_tag_position": IMAGE_TAG_POSITION,
     }
 
 
@@ -218,23 +220,23 @@ def _scene_turns(record: dict, rng: random.Random) -> list[tuple[str, str]]:
     return boxes + counts[:MAX_SCENE_COUNTS]
 
 
-def single_turn_groundings(record: dict, rng: random.Random) -> list[dict]:
-    """One single-turn record, question before the image, per shape of a scene of several shapes that the
-    record's own question does not ask for."""
-    if record.get("task") not in ("grounding", "grounded_caption") or len(record.get("objects", [])) < 2:
+def single_turn_groundings(scene: dict, rng: random.Random) -> list[dict]:
+    """For a grounding or grounded-caption record (see `grounding_scenes`) of several shapes: one single-turn
+    record, question before the image, per shape that the record's own question does not ask for."""
+    if len(scene["objects"]) < 2:
         return []
-    asked = {_question(message["content"]) for message in record["messages"] if message["role"] == "user"}
-    objects = record["objects"]
-    return [{"messages": [{"role": "user", "content": f"{question}\n<image>"},
+    asked = {_question(message["content"]) for message in scene["messages"] if message["role"] == "user"}
+    objects = scene["objects"]
+    return [{"messages": [{"role": "user", "content": with_image_tags(question, 1, IMAGE_TAG_POSITION)},
                           {"role": "assistant", "content": answer}],
-             "images": record["images"], "task": "grounding", "answers": [answer], "image_size": record["image_size"],
+             "images": scene["images"], "task": "grounding", "answers": [answer], "image_size": scene["image_size"],
              "box": objects[target]["box"], "target": target, "objects": objects}
-            for target, (question, answer) in enumerate(_grounding_turns(record, rng)) if question not in asked]
+            for target, (question, answer) in enumerate(_grounding_turns(scene, rng)) if question not in asked]
 
 
 def _question(content: str) -> str:
     """A first turn's question without its image tag (the tag comes before or after it)."""
-    return content.removeprefix("<image>\n").removesuffix("\n<image>")
+    return content.removeprefix(f"{IMAGE_TAG}\n").removesuffix(f"\n{IMAGE_TAG}")
 
 
 _EXTRA_TURNS = {
@@ -307,13 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         expanded = write_multi_turn(records, args.train_out, args.seed)
         answers = sum(sum(m["role"] == "assistant" for m in r.get("messages", [])) or 1 for r in expanded)
         print(f"wrote {args.train_out}: {len(records)} records, {answers} answers")
-        rng = random.Random(args.seed + 1)
-        singles = [single for record in records for single in single_turn_groundings(record, rng)]
-        for path, subset in ((args.grounding_out, grounding_scenes(records) + singles),
-                             (args.one_object_out, grounding_scenes(expanded, objects=1))):
-            if path:
-                write_jsonl(subset, path)
-                print(f"wrote {path}: {len(subset)} records")
+        if args.grounding_out:
+            scenes, rng = grounding_scenes(records), random.Random(args.seed + 1)
+            singles = [single for scene in scenes for single in single_turn_groundings(scene, rng)]
+            write_jsonl(scenes + singles, args.grounding_out)
+            print(f"wrote {args.grounding_out}: {len(scenes) + len(singles)} records")
+        if args.one_object_out:
+            one_object = grounding_scenes(expanded, objects=1)
+            write_jsonl(one_object, args.one_object_out)
+            print(f"wrote {args.one_object_out}: {len(one_object)} records")
     return 0
 
 
