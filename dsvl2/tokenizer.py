@@ -84,6 +84,11 @@ class Tokenizer:
         """Token ids of `text`; special-token strings inside it (e.g. `<|ref|>`) become their ids."""
         return self._backend.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode`'s ids and, for each, the [start, end) character span of `text` it covers."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -16,20 +16,24 @@ from dsvl2.checkpoint import load_model
 from dsvl2.defaults import default_model_dir
 from dsvl2.processor import Processor
 from dsvl2.projector import pixel_shuffle
+from dsvl2.tokenizer import Tokenizer
 from dsvl2.train.dense import (
     COLOURS,
     IGNORE,
     MAX_COUNT,
     PAIRS,
+    DrawnPiece,
     VisionStage,
+    drawn_pieces,
     group_by_token,
     patch_labels,
     scene_labels,
     sincos_position_table,
+    text_labels,
     whole_image_views,
 )
-from dsvl2.train.recipe import load_recipe
-from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, generate_dataset
+from dsvl2.train.recipe import RecipeError, load_recipe
+from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, _font, char_boxes, generate_dataset
 from dsvl2.train.trainer import Trainer, TrainError, list_checkpoints, run
 
 RECIPE_MODEL = Path(__file__).resolve().parent.parent / "recipes" / "default" / "model.json"
@@ -108,6 +112,59 @@ def test_scene_labels_count_every_colour_kind_and_pair_and_box_the_unique_pairs(
     assert many.counts[1, COLOURS.index("red")] == MAX_COUNT
 
 
+START, END = 7, 1  # stand-ins for the prompt's last token and end of sentence
+
+
+def _drawn(lines: list[str]) -> list[list]:
+    font = _font(30)
+    return [c for i, line in enumerate(lines) for c in char_boxes(font, line, 10, 10 + 40 * i, "la", i)]
+
+
+def test_an_ocr_image_is_read_as_its_answer_token_by_token() -> None:
+    tokenizer = Tokenizer.from_dir(default_model_dir())
+    lines = ["apple 4821", "RIVER 3.05"]
+    record = {"task": "ocr", "lines": lines, "chars": _drawn(lines)}
+    pieces = drawn_pieces(record, tokenizer, START, END)
+    name = {START: "START", END: "END"}
+
+    def names(field: str) -> list[str]:
+        return [name.get(getattr(p, field)) or tokenizer.id_to_token(getattr(p, field)) for p in pieces]
+
+    assert len(pieces) == len(record["chars"])
+    assert [p.box_px for p in pieces] == [tuple(c[1:5]) for c in record["chars"]]
+    assert names("piece") == ["apple"] * 5 + ["Ġ", "4", "8", "2", "1"] + ["RIVER"] * 5 + ["Ġ", "3", ".", "0", "5"]
+    assert names("prev") == ["START"] * 5 + ["apple", "Ġ", "4", "8", "2"] + ["Ċ"] * 5 + ["RIVER", "Ġ", "3", ".", "0"]
+    assert names("next") == ["Ġ"] * 5 + ["4", "8", "2", "1", "Ċ"] + ["Ġ"] * 5 + ["3", ".", "0", "5", "END"]
+
+
+def test_chart_strings_are_read_one_by_one_and_a_mismatch_is_refused() -> None:
+    tokenizer = Tokenizer.from_dir(default_model_dir())
+    record = {"task": "chart", "chars": _drawn(["Tue", "37"])}
+    pieces = drawn_pieces(record, tokenizer, START, END)
+    digits = [(tokenizer.id_to_token(p.piece), p.prev, p.next) for p in pieces[3:]]
+    assert digits == [("3", START, tokenizer.token_to_id("7")), ("7", tokenizer.token_to_id("3"), END)]
+    assert {(p.prev, p.next) for p in pieces[:3]} == {(START, END)}
+    assert drawn_pieces({"task": "caption"}, tokenizer, START, END) == ()
+    with pytest.raises(TrainError, match="do not spell"):
+        drawn_pieces({"task": "ocr", "lines": ["Tux"], "chars": _drawn(["Tue"])}, tokenizer, START, END)
+
+
+def test_text_labels_mark_the_patches_whose_centre_lies_on_a_character() -> None:
+    piece = DrawnPiece((30, 30, 66, 50), piece=5, prev=6, next=9)
+    labels = text_labels([piece], 192, 192, 192, 192, 192, 16, none=100)
+    assert labels.piece.shape == (2, 144)  # global view and the one local tile
+    for view in range(2):
+        marked = (labels.piece[view] == 5).nonzero().flatten().tolist()
+        assert marked == [2 * 12 + 2, 2 * 12 + 3]  # centres (40, 40) and (56, 40)
+        assert labels.prev[view, marked].tolist() == [6, 6] and labels.next[view, marked].tolist() == [9, 9]
+        assert int((labels.piece[view] == 100).sum()) == 142
+    # a 384 x 192 image: the global view halves it, the local tiles keep full resolution
+    wide = text_labels([DrawnPiece((200, 30, 236, 50), 5, 6, 9)], 384, 192, 384, 192, 192, 16, none=100)
+    assert wide.piece.shape == (3, 144)
+    assert (wide.piece[1] == 5).sum() == 0 and (wide.piece[2] == 5).sum() == 3  # centres x 8, 24, 40
+    assert (wide.piece[0] == 5).sum() == 1  # x 200..236 -> 100..118 in the global view: one centre (104, 40)
+
+
 @pytest.mark.parametrize("grid", [12, 27])
 def test_token_groups_hold_the_patches_the_projector_merges(grid: int) -> None:
     # Feed each patch's index through the projector's own pixel shuffle: the indices that land in a
@@ -137,7 +194,7 @@ def _raw(scenes: Path, out: str, steps: int = 4) -> dict:
         "data": {"sources": [{"name": "scenes", "paths": [str(scenes)]}]},
         "optimizer": {"lr": 2e-3, "weight_decay": 0.0},
         "schedule": {"warmup_steps": 1},
-        "training": {"steps": steps, "micro_batch_size": 2},
+        "training": {"steps": steps, "micro_batch_size": 2, "text_micro_batch_size": 1},
         "output": {"dir": out, "save_every": 100, "log_every": 1, "progress": False},
     }
 
@@ -172,22 +229,34 @@ def test_stage_trains_only_the_vision_tower_and_projector_and_resumes_exactly(sc
     assert logged == [1, 2, 3, 4]
 
 
-def test_micro_batches_hold_only_the_views_that_show_the_whole_image(scenes: Path, tmp_path: Path) -> None:
+def test_micro_batches_hold_the_whole_views_of_scenes_and_every_view_of_text(scenes: Path, tmp_path: Path) -> None:
     stage = VisionStage(load_recipe(_yaml(tmp_path / "s.yaml", _raw(scenes, "out"))))
     processor, size = stage.processor, stage.processor.tile_size
     whole, cut = [], []
-    for record in stage.records:
+    for record in stage.scenes:
         image = Image.open(record.image).convert("RGB")
         views = processor.normalize(processor.tile_image(image).tiles)
         count = whole_image_views(*processor.tile_grid(image.width, image.height), size)
         whole += list(views[:count])
         cut += list(views[count:])
     assert cut, "the scenes should include images cut into several tiles"
+    texts = {}
+    for record in stage.texts:
+        image = Image.open(record.image).convert("RGB")
+        texts[record.image] = processor.normalize(processor.tile_image(image).tiles)
     for step in range(8):
-        tiles, labels, scene = stage.micro_batch(step)
+        tiles, labels, scene, text = stage.micro_batch(step)
         assert tiles.shape[0] == labels.colour.shape[0] == labels.box.shape[0] == scene.counts.shape[0]
-        assert (scene.counts != IGNORE).all()
-        for tile in tiles:
+        assert tiles.shape[0] == text.piece.shape[0]
+        # the scenes' views first, then every view of the one image of text
+        read = next(v for image, v in texts.items() if any(torch.equal(tiles[-1], t) for t in v))
+        scenes = tiles.shape[0] - read.shape[0]
+        assert torch.equal(tiles[scenes:], read)
+        assert (scene.counts[:scenes] != IGNORE).all() and (scene.counts[scenes:] == IGNORE).all()
+        assert (text.piece[:scenes] == IGNORE).all()
+        assert ((text.piece[scenes:] >= 0) & (text.piece[scenes:] < stage.no_text)).any()
+        assert (labels.colour[scenes:] == 0).all() and (labels.box[scenes:] == IGNORE).all()
+        for tile in tiles[:scenes]:
             assert any(torch.equal(tile, view) for view in whole)
 
 
@@ -204,6 +273,16 @@ def test_sources_without_scenes_and_ignored_settings_are_refused(scenes: Path, t
     generate_dataset(tmp_path / "text", 4, seed=1, tasks=["ocr", "text"])
     with pytest.raises(TrainError, match="objects"):
         VisionStage(load_recipe(_yaml(tmp_path / "v.yaml", _raw(tmp_path / "text", "out"))))
+    raw = _raw(scenes, "out")
+    raw["data"]["sources"][0]["paths"] = [str(scenes / "scenes_only.jsonl")]
+    lines = (scenes / "train.jsonl").read_text().splitlines()
+    (scenes / "scenes_only.jsonl").write_text("".join(line + "\n" for line in lines if '"objects"' in line))
+    with pytest.raises(TrainError, match="text_micro_batch_size is set, but no record"):
+        VisionStage(load_recipe(_yaml(tmp_path / "no-text.yaml", raw)))
+    raw = _raw(scenes, "out")
+    raw["stage"] = "sft"
+    with pytest.raises(RecipeError, match="text_micro_batch_size is a setting of stage vision"):
+        load_recipe(_yaml(tmp_path / "sft.yaml", raw))
     raw = _raw(scenes, "out")
     raw["training"]["grad_accum"] = 2
     with pytest.raises(TrainError, match="training.grad_accum"):

@@ -56,6 +56,20 @@ def test_decode_round_trips_and_can_skip_special_tokens(tokenizer: Tokenizer) ->
     assert tokenizer.decode(ids, skip_special_tokens=True) == ": " + MIXED_TEXT
 
 
+def test_offsets_give_the_characters_of_each_token(tokenizer: Tokenizer) -> None:
+    text = "<|User|>: " + MIXED_TEXT
+    ids, spans = tokenizer.encode_with_offsets(text)
+    assert ids == tokenizer.encode(text)
+    assert spans[0] == (0, len("<|User|>"))
+    # A character of several bytes may be split over tokens, which then share its span.
+    assert all(a1 <= a2 and b1 <= b2 for (a1, b1), (a2, b2) in zip(spans, spans[1:], strict=False))
+    assert spans[-1][1] == len(text)
+    ascii_text = "read 4821 now"
+    ids, spans = tokenizer.encode_with_offsets(ascii_text)
+    assert "".join(ascii_text[a:b] for a, b in spans) == ascii_text
+    assert [tokenizer.decode([i]) for i in ids] == [ascii_text[a:b] for a, b in spans]
+
+
 def test_unknown_token_raises_key_error_naming_it(tokenizer: Tokenizer) -> None:
     with pytest.raises(KeyError, match="no-such-token"):
         tokenizer.token_to_id("<no-such-token>")

@@ -110,6 +110,7 @@ class TrainingSection:
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
     device: str = "auto"  # auto: cuda if available, else cpu
     box_attention: BoxAttentionSection | None = None
+    text_micro_batch_size: int = 0  # stage vision: images of text per step, besides micro_batch_size scenes
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,12 @@ def _check(recipe: TrainRecipe) -> None:
         # The recomputed forward would run without the forcing, and the gradients would not match the loss.
         raise RecipeError("training.box_attention.teacher_forced cannot be combined with "
                           "training.activation_checkpointing")
+    if recipe.training.text_micro_batch_size and recipe.stage != "vision":
+        raise RecipeError("training.text_micro_batch_size is a setting of stage vision, not of stage "
+                          f"{recipe.stage}")
+    if recipe.training.text_micro_batch_size < 0:
+        raise RecipeError("training.text_micro_batch_size must be >= 0, got "
+                          f"{recipe.training.text_micro_batch_size}")
     if recipe.training.device not in ("auto", "cpu") and not recipe.training.device.startswith("cuda"):
         raise RecipeError(f"training.device is {recipe.training.device!r}; expected auto, cpu or cuda[:N]")
 
