@@ -260,6 +260,16 @@ def test_micro_batches_hold_the_whole_views_of_scenes_and_every_view_of_text(sce
             assert any(torch.equal(tile, view) for view in whole)
 
 
+def test_without_reading_the_stage_reads_no_text_and_has_no_reading_head(scenes: Path, tmp_path: Path) -> None:
+    raw = _raw(scenes, "out")
+    raw["training"]["text_micro_batch_size"] = 0
+    stage = VisionStage(load_recipe(_yaml(tmp_path / "s.yaml", raw)))
+    assert stage.texts == [] and stage.heads.text is None and stage.scenes
+    tiles, labels, scene, text = stage.micro_batch(0)
+    assert (scene.counts != IGNORE).all() and (text.piece == IGNORE).all()
+    assert "text_accuracy" not in stage.train_step()
+
+
 def test_command_line_runs_the_stage_and_the_language_trainer_refuses_it(scenes: Path, tmp_path: Path) -> None:
     path = _yaml(tmp_path / "vision.yaml", _raw(scenes, "out", steps=1))
     assert run(argparse.Namespace(config=path, resume=False, stop_at=None)) == 0

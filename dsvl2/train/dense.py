@@ -370,17 +370,20 @@ class _Record:
     pieces: tuple[DrawnPiece, ...]
 
 
-def read_vision_records(paths: Sequence[Path], tokenizer: Tokenizer, start: int, end: int) -> list[_Record]:
-    """Every record with an image and `objects` (shape scenes) or `chars` (drawn text) in the sources'
-    JSON Lines files, in file order; `start` and `end` as in `drawn_pieces`."""
+def read_vision_records(paths: Sequence[Path], tokenizer: Tokenizer | None, start: int, end: int) -> list[_Record]:
+    """Every record with an image and `objects` (shape scenes) or, given a tokenizer, `chars` (drawn text,
+    read into `DrawnPiece`s; `start` and `end` as in `drawn_pieces`) in the sources' JSON Lines files, in
+    file order."""
     records = []
     for shard in find_shards(paths):
         with shard.open(encoding="utf-8") as lines:
             for line in lines:
                 record = json.loads(line) if line.strip() else {}
-                if (record.get("objects") or record.get("chars")) and record.get("images"):
+                reads = tokenizer is not None and bool(record.get("chars"))
+                if (record.get("objects") or reads) and record.get("images"):
+                    pieces = drawn_pieces(record, tokenizer, start, end) if reads else ()
                     records.append(_Record(shard.parent / record["images"][0], tuple(record.get("objects") or ()),
-                                           drawn_pieces(record, tokenizer, start, end)))
+                                           pieces))
     return records
 
 
@@ -423,20 +426,21 @@ class VisionStage:
         tokenizer = self.processor.tokenizer
         # A reading starts where the answer does: after the prompt's last token (the assistant's colon).
         self.read_start = tokenizer.encode(f"{ASSISTANT_ROLE}:")[-1]
-        records = read_vision_records([p for s in recipe.data.sources for p in s.paths], tokenizer,
-                                      self.read_start, tokenizer.eos_id)
+        reading = recipe.training.text_micro_batch_size > 0
+        records = read_vision_records([p for s in recipe.data.sources for p in s.paths],
+                                      tokenizer if reading else None, self.read_start, tokenizer.eos_id)
         self.scenes = [record for record in records if record.objects]
         self.texts = [record for record in records if record.pieces and not record.objects]
         if not self.scenes:
             raise TrainError("stage vision: no record in data.sources has `objects` (synthetic shape scenes)")
-        if recipe.training.text_micro_batch_size and not self.texts:
+        if reading and not self.texts:
             raise TrainError("stage vision: training.text_micro_batch_size is set, but no record in data.sources "
                              "draws text (`chars`: OCR images, charts)")
         self.no_text = self.model.cfg.language.vocab_size
         self.model.to(self.device)
         cfg = self.model.cfg
         self.merge_ratio = cfg.patches_per_token_side
-        text_classes = self.no_text + 1 if recipe.training.text_micro_batch_size else 0
+        text_classes = self.no_text + 1 if reading else 0
         self.heads = TokenHeads(cfg.projector.n_embed, self.merge_ratio**2, text_classes).to(self.device)
         groups = configure_stage(self.model, "vision", recipe.training.freeze)
         groups["heads"] = list(self.heads.named_parameters())
