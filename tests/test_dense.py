@@ -230,7 +230,10 @@ def test_stage_trains_only_the_vision_tower_and_projector_and_resumes_exactly(sc
 
 
 def test_micro_batches_hold_the_whole_views_of_scenes_and_every_view_of_text(scenes: Path, tmp_path: Path) -> None:
-    stage = VisionStage(load_recipe(_yaml(tmp_path / "s.yaml", _raw(scenes, "out"))))
+    raw = _raw(scenes, "out")
+    generate_dataset(tmp_path / "charts", 2, seed=5, tasks=["chart"])  # wide enough to be cut into tiles
+    raw["data"]["sources"].append({"name": "charts", "paths": [str(tmp_path / "charts")]})
+    stage = VisionStage(load_recipe(_yaml(tmp_path / "s.yaml", raw)))
     processor, size = stage.processor, stage.processor.tile_size
     whole, cut = [], []
     for record in stage.scenes:
@@ -244,12 +247,14 @@ def test_micro_batches_hold_the_whole_views_of_scenes_and_every_view_of_text(sce
     for record in stage.texts:
         image = Image.open(record.image).convert("RGB")
         texts[record.image] = processor.normalize(processor.tile_image(image).tiles)
+    multi_tile_reads = 0
     for step in range(8):
         tiles, labels, scene, text = stage.micro_batch(step)
         assert tiles.shape[0] == labels.colour.shape[0] == labels.box.shape[0] == scene.counts.shape[0]
         assert tiles.shape[0] == text.piece.shape[0]
         # the scenes' views first, then every view of the one image of text
         read = next(v for image, v in texts.items() if any(torch.equal(tiles[-1], t) for t in v))
+        multi_tile_reads += read.shape[0] > 2
         scenes = tiles.shape[0] - read.shape[0]
         assert torch.equal(tiles[scenes:], read)
         assert (scene.counts[:scenes] != IGNORE).all() and (scene.counts[scenes:] == IGNORE).all()
@@ -258,6 +263,7 @@ def test_micro_batches_hold_the_whole_views_of_scenes_and_every_view_of_text(sce
         assert (labels.colour[scenes:] == 0).all() and (labels.box[scenes:] == IGNORE).all()
         for tile in tiles[:scenes]:
             assert any(torch.equal(tile, view) for view in whole)
+    assert multi_tile_reads, "some step should read an image of text cut into several tiles"
 
 
 def test_without_reading_the_stage_reads_no_text_and_has_no_reading_head(scenes: Path, tmp_path: Path) -> None:
