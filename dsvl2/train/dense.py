@@ -476,14 +476,12 @@ class VisionStage:
             tiles.append(self.processor.normalize(tiled.tiles[:views]))
             full = patch_labels(record.objects, image.width, image.height, best_width, best_height, size, patch)
             labels.append(PatchLabels(full.colour[:views], full.shape[:views], full.box[:views]))
-            scene = scene_labels(record.objects, views, whole if record.objects else 0)
-            scenes.append(scene)
+            scenes.append(scene_labels(record.objects, views, whole if record.objects else 0))
             if record.objects:  # no reading targets on scenes: their tokens need not say "no text"
                 texts.append(TextLabels(*torch.full((3, views, full.colour.shape[1]), IGNORE, dtype=torch.long)))
             else:
-                text = text_labels(record.pieces, image.width, image.height, best_width, best_height, size,
-                                   patch, self.no_text)
-                texts.append(text)
+                texts.append(text_labels(record.pieces, image.width, image.height, best_width, best_height, size,
+                                         patch, self.no_text))
         grid = self.model.cfg.vision.grid
 
         def grouped(parts: list[torch.Tensor], fill: int) -> torch.Tensor:
