@@ -14,7 +14,15 @@ from PIL import Image
 from dsvl2.config import load_json
 from dsvl2.errors import InputError
 from dsvl2.eval.metrics import parse_det_boxes
-from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_GAP_PX, TASK_WEIGHTS, TASKS, generate_dataset, main
+from dsvl2.train.synthetic import (
+    SHAPE_COLORS,
+    SHAPE_GAP_PX,
+    TASK_WEIGHTS,
+    TASKS,
+    generate_dataset,
+    generate_records,
+    main,
+)
 from dsvl2.vision.tiling import select_tile_grid
 
 N_SAMPLES = 4 * sum(TASK_WEIGHTS.values())  # four full task cycles: every task appears at least 4 times
@@ -390,3 +398,15 @@ def test_a_tiny_bar_on_a_short_chart_is_still_drawn() -> None:
     # three bars in three separate runs of red columns: the first (value 1) is drawn too
     runs = 1 + int((np.diff(red_columns) > 1).sum()) if red_columns.size else 0
     assert runs == 3
+
+
+def test_generate_records_are_the_records_generate_dataset_writes(tmp_path):
+    generate_dataset(tmp_path, 12, seed=5, split="val")
+    written = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    in_memory = list(generate_records(12, seed=5, split="val"))
+    assert len(in_memory) == len(written)
+    for (record, image), saved in zip(in_memory, written, strict=True):
+        assert (image is None) == (not saved.get("images"))
+        saved.pop("images", None)
+        assert not record.pop("images", None)  # generate_dataset sets the path of the image it saves
+        assert json.loads(json.dumps(record)) == saved  # tuples become lists in JSON

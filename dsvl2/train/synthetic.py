@@ -41,7 +41,7 @@ import math
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -658,6 +658,15 @@ def _check_arguments(n: int, seed: int, split: str, tasks: Sequence[str] | None)
     return tuple(dict.fromkeys(chosen))
 
 
+def generate_records(n: int, seed: int, split: str = "train", tasks: Sequence[str] | None = None
+                     ) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+    """The n samples of (seed, split, tasks) in memory, each (record, image or None): the records
+    `generate_dataset` writes, before their image paths are set."""
+    chosen = _check_arguments(n, seed, split, tasks)
+    for index, task in enumerate(_task_schedule(seed, split, chosen, n)):
+        yield _MAKERS[task](_sample_rng(seed, split, index), split)
+
+
 def generate_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train",
                      tasks: Sequence[str] | None = None) -> dict[str, int]:
     """Write n samples to out_dir/<split>.jsonl (+ out_dir/images/) and return the count per task."""
@@ -666,8 +675,8 @@ def generate_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = dict.fromkeys(chosen, 0)
     with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as jsonl:
-        for index, task in enumerate(_task_schedule(seed, split, chosen, n)):
-            record, image = _MAKERS[task](_sample_rng(seed, split, index), split)
+        for index, (record, image) in enumerate(generate_records(n, seed, split, chosen)):
+            task = record["task"]
             if image is not None:
                 relative = f"images/{split}-{index:06d}.png"
                 image.save(out / relative, format="PNG", compress_level=6)

@@ -1,0 +1,256 @@
+"""Can the language model learn to answer from image tokens that hold the answer exactly?
+
+The vision tower and projector are replaced by exact features computed from the renderer's objects;
+a fresh language model (the default model's configuration) is trained on synthetic counting questions
+and scored on held-out ones, by question kind, beside the score of always giving the most common
+answer. This separates what the language model learns in a number of steps from what the tower
+delivers: the default model's counting stays near that majority score, and if this benchmark does
+too, a better tower cannot lift it.
+
+Features of the image tokens (`--features`), each a sum of learned vectors:
+  scene   every global-view token holds the scene's counts (of each colour, of each kind, in all),
+          the scene labels stage vision teaches every global-view token (dsvl2/train/dense.py).
+  object  a global-view token whose centre lies on an object holds that object's colour, its kind,
+          the count of its colour and the count of its kind; every global-view token holds the total.
+Local-view, newline and separator tokens are one learned vector: they carry nothing.
+
+    python benchmarks/bench_reader.py [--features scene|object] [--questions all|total|colour|kind]
+        [--steps 1000] [--batch 4] [--lr 3e-4] [--n-train 6000] [--n-test 400] [--threads N] [--out F]
+
+Accuracy is the argmax at the answer's first token under teacher forcing, which is the first token
+greedy decoding writes; every answer is one digit token. Prints a table and writes
+benchmarks/results/reader-<features>-<questions>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsvl2.checkpoint import build_model
+from dsvl2.config import load_json, model_config_from_dict
+from dsvl2.defaults import default_model_dir
+from dsvl2.model import DeepseekVL2, init_weights
+from dsvl2.processor import Processor, Sample
+from dsvl2.train.box_attention import image_token_centres
+from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, generate_records
+
+COLOURS, KINDS = tuple(SHAPE_COLORS), tuple(SHAPE_KINDS)
+MAX_COUNT = 7  # the most shapes a synthetic scene holds
+QUESTION_KINDS = ("total", "colour", "kind")
+
+
+def question_kind(record: dict[str, Any]) -> str:
+    query = record.get("query") or {}
+    return "colour" if "color" in query else "kind" if "shape" in query else "total"
+
+
+class ExactFeatures(nn.Module):
+    """Image-token embeddings built from a record's objects instead of its pixels."""
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        if mode not in ("scene", "object"):
+            raise ValueError(f"features must be scene or object, got {mode!r}")
+        self.mode = mode
+        attributes = len(COLOURS) + len(KINDS) + 1  # each colour, each kind, all shapes
+        self.count = nn.Parameter(torch.randn(attributes, MAX_COUNT + 1, dim) * 0.02)
+        self.colour = nn.Parameter(torch.randn(len(COLOURS), dim) * 0.02)
+        self.kind = nn.Parameter(torch.randn(len(KINDS), dim) * 0.02)
+        self.background = nn.Parameter(torch.randn(dim) * 0.02)
+        self.blank = nn.Parameter(torch.randn(dim) * 0.02)
+
+    def _count(self, attribute: int, n: int) -> torch.Tensor:
+        return self.count[attribute, min(n, MAX_COUNT)]
+
+    def forward(self, objects: list[dict[str, Any]], centres: list[tuple[float, float] | None],
+                global_tokens: int) -> torch.Tensor:
+        """[len(centres), dim]: features of the first `global_tokens` tokens (the global view, newlines
+        included, whose centre is None), `blank` elsewhere."""
+        colours = Counter(o["color"] for o in objects)
+        kinds = Counter(o["shape"] for o in objects)
+        total = self._count(len(COLOURS) + len(KINDS), len(objects))
+        scene = total + sum((self._count(i, colours[c]) for i, c in enumerate(COLOURS)), torch.zeros_like(total))
+        scene = scene + sum((self._count(len(COLOURS) + i, kinds[k]) for i, k in enumerate(KINDS)),
+                            torch.zeros_like(total))
+        rows = []
+        for index, centre in enumerate(centres):
+            if index >= global_tokens or centre is None:
+                rows.append(self.blank)
+            elif self.mode == "scene":
+                rows.append(scene)
+            else:
+                rows.append(total + self._object_feature(objects, centre, colours, kinds))
+        return torch.stack(rows)
+
+    def _object_feature(self, objects: list[dict[str, Any]], centre: tuple[float, float],
+                        colours: Counter, kinds: Counter) -> torch.Tensor:
+        x, y = centre
+        for o in objects:
+            x1, y1, x2, y2 = o["box"]
+            if x1 <= x <= x2 and y1 <= y <= y2:
+                c, k = COLOURS.index(o["color"]), KINDS.index(o["shape"])
+                return (self.colour[c] + self.kind[k] + self._count(c, colours[o["color"]])
+                        + self._count(len(COLOURS) + k, kinds[o["shape"]]))
+        return self.background
+
+
+def make_examples(processor: Processor, n: int, seed: int, split: str, questions: str
+                  ) -> list[tuple[dict[str, Any], Sample, list[tuple[float, float] | None]]]:
+    """Counting records of (seed, split) of the asked question kind, each with its encoded sample
+    (pixels dropped: the features come from the objects) and the 0..999 centre of every image token."""
+    out = []
+    tile = processor.tile_size
+    side = processor.tokens_per_side
+    for record, image in generate_records(n, seed, split, ["counting"]):
+        if questions != "all" and question_kind(record) != questions:
+            continue
+        sample = processor.encode(record["messages"], [image], inference=False)
+        columns, rows = (int(v) for v in sample.images_spatial_crop[0])
+        centres = image_token_centres(image.width, image.height, columns * tile, rows * tile, tile, side)
+        if len(centres) != int(sample.images_seq_mask.sum()):
+            raise RuntimeError("the image-token layout and the processor disagree")
+        sample.pixel_values = sample.pixel_values[:0]
+        out.append((record, sample, centres))
+    return out
+
+
+def forward(model: DeepseekVL2, features: ExactFeatures, examples: list, tokens_per_side: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, T, V] and labels [B, T] of a left-padded batch whose image tokens are exact features."""
+    length = max(len(sample) for _, sample, _ in examples)
+    ids, labels, masks, image_masks, embeds = [], [], [], [], []
+    for record, sample, centres in examples:
+        pad = length - len(sample)
+        ids.append(F.pad(sample.input_ids, (pad, 0)))
+        labels.append(F.pad(sample.labels, (pad, 0), value=-100))
+        masks.append(F.pad(torch.ones(len(sample), dtype=torch.long), (pad, 0)))
+        image_masks.append(F.pad(sample.images_seq_mask, (pad, 0)))
+        embeds.append(features(record["objects"], centres, tokens_per_side * (tokens_per_side + 1)))
+    input_ids, image_mask = torch.stack(ids), torch.stack(image_masks)
+    inputs = model.language.model.embed_tokens(input_ids).clone()
+    inputs[image_mask] = torch.cat(embeds)
+    out = model(inputs_embeds=inputs, attention_mask=torch.stack(masks))
+    return out.logits, torch.stack(labels)
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first labelled token after the first one (the BOS): the answer's first token."""
+    labelled = labels != -100
+    first = labelled.int().argmax(dim=1)
+    labelled[torch.arange(labels.shape[0]), first] = False
+    return labelled.int().argmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate(model: DeepseekVL2, features: ExactFeatures, examples: list, tokens_per_side: int) -> dict[str, float]:
+    model.eval()
+    right: Counter = Counter()
+    total: Counter = Counter()
+    for start in range(0, len(examples), 16):
+        chunk = examples[start:start + 16]
+        logits, labels = forward(model, features, chunk, tokens_per_side)
+        positions = answer_positions(labels)
+        rows = torch.arange(len(chunk))
+        predicted = logits[rows, positions - 1].argmax(-1)
+        for (record, _, _), hit in zip(chunk, (predicted == labels[rows, positions]).tolist(), strict=True):
+            total[question_kind(record)] += 1
+            right[question_kind(record)] += int(hit)
+    model.train()
+    scores = {kind: right[kind] / total[kind] for kind in QUESTION_KINDS if total[kind]}
+    scores["all"] = sum(right.values()) / max(sum(total.values()), 1)
+    return scores
+
+
+def majority_scores(examples: list) -> dict[str, float]:
+    """Accuracy of always answering the most common answer of each question kind (of these examples)."""
+    by_kind: dict[str, Counter] = {}
+    for record, _, _ in examples:
+        by_kind.setdefault(question_kind(record), Counter())[record["answers"][0]] += 1
+    scores = {kind: c.most_common(1)[0][1] / sum(c.values()) for kind, c in by_kind.items()}
+    scores["all"] = sum(c.most_common(1)[0][1] for c in by_kind.values()) / max(len(examples), 1)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", choices=("scene", "object"), default="scene")
+    parser.add_argument("--questions", choices=("all", *QUESTION_KINDS), default="all")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--n-train", type=int, default=6000, help="counting records generated (before the filter)")
+    parser.add_argument("--n-test", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+
+    folder = default_model_dir()
+    raw = load_json(folder / "config.json")
+    model = init_weights(build_model(model_config_from_dict(raw), device="cpu"), seed=args.seed)
+    processor = Processor.from_pretrained(folder)
+    side = processor.tokens_per_side
+    features = ExactFeatures(model.cfg.language.hidden_size, args.features)
+
+    started = time.perf_counter()
+    train = make_examples(processor, args.n_train, 1, "train", args.questions)
+    test = make_examples(processor, args.n_test, 7, "test", args.questions)
+    print(f"{len(train)} train and {len(test)} test questions in {time.perf_counter() - started:.0f}s")
+
+    params = [p for name, p in model.named_parameters() if name.startswith("language.")] + list(features.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
+    history = []
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        logits, labels = forward(model, features, rng.sample(train, min(args.batch, len(train))), side)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        warmup.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            scores = evaluate(model, features, test, side)
+            history.append({"step": step, "seconds": round(time.perf_counter() - started, 1), **scores})
+            print(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+
+    majority = majority_scores(test)
+    final = history[-1] if history else {}
+    print(f"\n{'questions':<10}{'n':>6}{'accuracy':>10}{'majority':>10}")
+    for kind in (*QUESTION_KINDS, "all"):
+        if kind in majority:
+            n = len(test) if kind == "all" else sum(question_kind(r) == kind for r, _, _ in test)
+            print(f"{kind:<10}{n:>6}{final.get(kind, float('nan')):>10.2f}{majority[kind]:>10.2f}")
+    result = {
+        "benchmark": "reader", "features": args.features, "questions": args.questions, "steps": args.steps,
+        "batch": args.batch, "lr": args.lr, "train_questions": len(train), "test_questions": len(test),
+        "accuracy": {k: v for k, v in final.items() if k not in ("step", "seconds")}, "majority": majority,
+        "history": history, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__,
+    }
+    out = args.out or Path(__file__).parent / "results" / f"reader-{args.features}-{args.questions}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

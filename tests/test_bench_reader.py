@@ -1,0 +1,67 @@
+"""benchmarks/bench_reader.py: exact image features a language model can learn to read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reader.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_reader", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_object_features_sit_on_the_tokens_under_each_object():
+    bench = load_bench()
+    features = bench.ExactFeatures(8, "object")
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 499, 499]},
+               {"color": "red", "shape": "square", "box": [500, 500, 999, 999]}]
+    centres = [(100.0, 100.0), (700.0, 700.0), (700.0, 100.0), None, (100.0, 100.0)]
+    out = features(objects, centres, global_tokens=4)
+    red, circle, square = bench.COLOURS.index("red"), bench.KINDS.index("circle"), bench.KINDS.index("square")
+    kinds = len(bench.COLOURS)
+    total = features.count[kinds + len(bench.KINDS), 2]
+    expected_circle = total + features.colour[red] + features.kind[circle] + features.count[red, 2] \
+        + features.count[kinds + circle, 1]
+    expected_square = total + features.colour[red] + features.kind[square] + features.count[red, 2] \
+        + features.count[kinds + square, 1]
+    torch.testing.assert_close(out[0], expected_circle)
+    torch.testing.assert_close(out[1], expected_square)
+    torch.testing.assert_close(out[2], total + features.background)
+    torch.testing.assert_close(out[3], features.blank)  # a newline of the global view
+    torch.testing.assert_close(out[4], features.blank)  # past the global view
+
+
+def test_scene_features_give_every_global_token_the_same_counts():
+    bench = load_bench()
+    features = bench.ExactFeatures(8, "scene")
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 10, 10]}]
+    out = features(objects, [(500.0, 500.0), (5.0, 5.0), None], global_tokens=2)
+    torch.testing.assert_close(out[0], out[1])
+    assert not torch.equal(out[0], out[2])
+    with pytest.raises(ValueError, match="scene or object"):
+        bench.ExactFeatures(8, "pixels")
+
+
+def test_the_language_model_learns_total_counts_from_scene_features(tmp_path):
+    out = tmp_path / "reader.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--questions", "total", "--steps", "150", "--eval-every", "150",
+         "--n-train", "500", "--n-test", "250", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["test_questions"] >= 30
+    assert report["majority"]["total"] < 0.5
+    assert report["accuracy"]["total"] >= 0.9, report
+    assert "majority" in result.stdout
