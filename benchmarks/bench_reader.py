@@ -35,19 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsvl2.checkpoint import build_model
 from dsvl2.config import load_json, model_config_from_dict
 from dsvl2.defaults import default_model_dir
-from dsvl2.model import DeepseekVL2, init_weights
+from dsvl2.language.model import shifted_cross_entropy
+from dsvl2.model import DeepseekVL2, init_weights, merge_image_embeddings
 from dsvl2.processor import Processor, Sample
 from dsvl2.train.box_attention import image_token_centres
-from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, generate_records
+from dsvl2.train.dense import COLOURS, MAX_COUNT
+from dsvl2.train.synthetic import SHAPE_KINDS as KINDS
+from dsvl2.train.synthetic import generate_records
 
-COLOURS, KINDS = tuple(SHAPE_COLORS), tuple(SHAPE_KINDS)
-MAX_COUNT = 7  # the most shapes a synthetic scene holds
 QUESTION_KINDS = ("total", "colour", "kind")
 
 
@@ -81,9 +81,9 @@ class ExactFeatures(nn.Module):
         colours = Counter(o["color"] for o in objects)
         kinds = Counter(o["shape"] for o in objects)
         total = self._count(len(COLOURS) + len(KINDS), len(objects))
-        scene = total + sum((self._count(i, colours[c]) for i, c in enumerate(COLOURS)), torch.zeros_like(total))
-        scene = scene + sum((self._count(len(COLOURS) + i, kinds[k]) for i, k in enumerate(KINDS)),
-                            torch.zeros_like(total))
+        if self.mode == "scene":
+            counts = torch.tensor([colours[c] for c in COLOURS] + [kinds[k] for k in KINDS] + [len(objects)])
+            scene = self.count[torch.arange(len(counts)), counts.clamp(max=MAX_COUNT)].sum(dim=0)
         rows = []
         for index, centre in enumerate(centres):
             if index >= global_tokens or centre is None:
@@ -126,23 +126,16 @@ def make_examples(processor: Processor, n: int, seed: int, split: str, questions
     return out
 
 
-def forward(model: DeepseekVL2, features: ExactFeatures, examples: list, tokens_per_side: int
+def forward(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, T, V] and labels [B, T] of a left-padded batch whose image tokens are exact features."""
-    length = max(len(sample) for _, sample, _ in examples)
-    ids, labels, masks, image_masks, embeds = [], [], [], [], []
-    for record, sample, centres in examples:
-        pad = length - len(sample)
-        ids.append(F.pad(sample.input_ids, (pad, 0)))
-        labels.append(F.pad(sample.labels, (pad, 0), value=-100))
-        masks.append(F.pad(torch.ones(len(sample), dtype=torch.long), (pad, 0)))
-        image_masks.append(F.pad(sample.images_seq_mask, (pad, 0)))
-        embeds.append(features(record["objects"], centres, tokens_per_side * (tokens_per_side + 1)))
-    input_ids, image_mask = torch.stack(ids), torch.stack(image_masks)
-    inputs = model.language.model.embed_tokens(input_ids).clone()
-    inputs[image_mask] = torch.cat(embeds)
-    out = model(inputs_embeds=inputs, attention_mask=torch.stack(masks))
-    return out.logits, torch.stack(labels)
+    batch = processor.batch([sample for _, sample, _ in examples])
+    side = processor.tokens_per_side
+    embeds = [features(record["objects"], centres, side * (side + 1)) for record, _, centres in examples]
+    inputs = merge_image_embeddings(model.language.model.embed_tokens(batch.input_ids), batch.images_seq_mask,
+                                    torch.cat(embeds))
+    out = model(inputs_embeds=inputs, attention_mask=batch.attention_mask)
+    return out.logits, batch.labels
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -154,19 +147,20 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: DeepseekVL2, features: ExactFeatures, examples: list, tokens_per_side: int) -> dict[str, float]:
+def evaluate(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list) -> dict[str, float]:
     model.eval()
     right: Counter = Counter()
     total: Counter = Counter()
     for start in range(0, len(examples), 16):
         chunk = examples[start:start + 16]
-        logits, labels = forward(model, features, chunk, tokens_per_side)
+        logits, labels = forward(model, processor, features, chunk)
         positions = answer_positions(labels)
         rows = torch.arange(len(chunk))
         predicted = logits[rows, positions - 1].argmax(-1)
         for (record, _, _), hit in zip(chunk, (predicted == labels[rows, positions]).tolist(), strict=True):
-            total[question_kind(record)] += 1
-            right[question_kind(record)] += int(hit)
+            kind = question_kind(record)
+            total[kind] += 1
+            right[kind] += int(hit)
     model.train()
     scores = {kind: right[kind] / total[kind] for kind in QUESTION_KINDS if total[kind]}
     scores["all"] = sum(right.values()) / max(sum(total.values()), 1)
@@ -206,7 +200,6 @@ def main() -> None:
     raw = load_json(folder / "config.json")
     model = init_weights(build_model(model_config_from_dict(raw), device="cpu"), seed=args.seed)
     processor = Processor.from_pretrained(folder)
-    side = processor.tokens_per_side
     features = ExactFeatures(model.cfg.language.hidden_size, args.features)
 
     started = time.perf_counter()
@@ -220,15 +213,15 @@ def main() -> None:
     history = []
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
-        logits, labels = forward(model, features, rng.sample(train, min(args.batch, len(train))), side)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        logits, labels = forward(model, processor, features, rng.sample(train, min(args.batch, len(train))))
+        loss = shifted_cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         warmup.step()
         if step % args.eval_every == 0 or step == args.steps:
-            scores = evaluate(model, features, test, side)
+            scores = evaluate(model, processor, features, test)
             history.append({"step": step, "seconds": round(time.perf_counter() - started, 1), **scores})
             print(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
