@@ -121,7 +121,7 @@ def make_examples(processor: Processor, n: int, seed: int, split: str, questions
         centres = image_token_centres(image.width, image.height, columns * tile, rows * tile, tile, side)
         if len(centres) != int(sample.images_seq_mask.sum()):
             raise RuntimeError("the image-token layout and the processor disagree")
-        sample.pixel_values = sample.pixel_values[:0]
+        sample.pixel_values = sample.pixel_values[:0].clone()  # a view would keep every pixel alive
         out.append((record, sample, centres))
     return out
 
