@@ -14,8 +14,14 @@ Features of the image tokens (`--features`), each a sum of learned vectors:
           the count of its colour and the count of its kind; every global-view token holds the total.
 Local-view, newline and separator tokens are one learned vector: they carry nothing.
 
+`--token-relevance LAYER` adds the loss of `dsvl2.train.token_relevance` at that decoder layer's output:
+each global-view token that shows the image learns whether it lies on a shape the question counts (of
+the named colour or kind; any shape for a total); the held-out share of tokens it gets right is reported
+as `relevance` (beside `relevance_majority`, the share of tokens that are not relevant).
+
     python benchmarks/bench_reader.py [--features scene|object] [--questions all|total|colour|kind]
-        [--steps 1000] [--batch 4] [--lr 3e-4] [--n-train 6000] [--n-test 400] [--threads N] [--out F]
+        [--token-relevance LAYER] [--relevance-weight 1.0] [--steps 1000] [--batch 4] [--lr 3e-4]
+        [--n-train 6000] [--n-test 400] [--threads N] [--out F]
 
 Accuracy is the argmax at the answer's first token under teacher forcing, which is the first token
 greedy decoding writes; every answer is one digit token. Prints a table and writes
@@ -35,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsvl2.checkpoint import build_model
@@ -47,6 +54,7 @@ from dsvl2.train.box_attention import image_token_centres
 from dsvl2.train.dense import COLOURS, MAX_COUNT
 from dsvl2.train.synthetic import SHAPE_KINDS as KINDS
 from dsvl2.train.synthetic import generate_records
+from dsvl2.train.token_relevance import relevance_logits
 
 QUESTION_KINDS = ("total", "colour", "kind")
 
@@ -126,16 +134,51 @@ def make_examples(processor: Processor, n: int, seed: int, split: str, questions
     return out
 
 
-def forward(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [B, T, V] and labels [B, T] of a left-padded batch whose image tokens are exact features."""
+def relevance_labels(record: dict[str, Any], centres: list[tuple[float, float] | None], global_tokens: int
+                     ) -> list[tuple[int, float]]:
+    """(index among the image tokens, 1.0 if on a shape the question counts else 0.0) for every global-view
+    token whose centre lies in the image."""
+    query = record.get("query") or {}
+    wanted = [o for o in record["objects"] if all(o[key] == value for key, value in query.items())]
+    labels = []
+    for index, centre in enumerate(centres[:global_tokens]):
+        if centre is not None:
+            x, y = centre
+            on = any(o["box"][0] <= x <= o["box"][2] and o["box"][1] <= y <= o["box"][3] for o in wanted)
+            labels.append((index, float(on)))
+    return labels
+
+
+class LayerOutput:
+    """Keeps the hidden states a decoder layer returned in the last forward."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.hidden: torch.Tensor | None = None
+        layer.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self.hidden = output[0]
+
+
+def forward(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list,
+            relevance: LayerOutput | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """Logits [B, T, V] and labels [B, T] of a left-padded batch whose image tokens are exact features,
+    and with `relevance` the relevance logits and 0/1 labels of the global-view tokens that show the image."""
     batch = processor.batch([sample for _, sample, _ in examples])
     side = processor.tokens_per_side
     embeds = [features(record["objects"], centres, side * (side + 1)) for record, _, centres in examples]
     inputs = merge_image_embeddings(model.language.model.embed_tokens(batch.input_ids), batch.images_seq_mask,
                                     torch.cat(embeds))
     out = model(inputs_embeds=inputs, attention_mask=batch.attention_mask)
-    return out.logits, batch.labels
+    if relevance is None:
+        return out.logits, batch.labels, None
+    logits, targets = [], []
+    for row, (record, _, centres) in enumerate(examples):
+        positions = batch.images_seq_mask[row].nonzero().flatten()
+        labelled = relevance_labels(record, centres, side * (side + 1))
+        logits.append(relevance_logits(relevance.hidden[row, positions[[i for i, _ in labelled]]]))
+        targets.append(torch.tensor([label for _, label in labelled]))
+    return out.logits, batch.labels, (torch.cat(logits), torch.cat(targets))
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -147,13 +190,18 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list) -> dict[str, float]:
+def evaluate(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list,
+             relevance: LayerOutput | None = None) -> dict[str, float]:
     model.eval()
     right: Counter = Counter()
     total: Counter = Counter()
     for start in range(0, len(examples), 16):
         chunk = examples[start:start + 16]
-        logits, labels = forward(model, processor, features, chunk)
+        logits, labels, scored = forward(model, processor, features, chunk, relevance)
+        if scored is not None:
+            right["relevance"] += int(((scored[0] > 0).float() == scored[1]).sum())
+            total["relevance"] += scored[1].numel()
+            right["relevance_majority"] += int((scored[1] == 0).sum())
         positions = answer_positions(labels)
         rows = torch.arange(len(chunk))
         predicted = logits[rows, positions - 1].argmax(-1)
@@ -163,7 +211,10 @@ def evaluate(model: DeepseekVL2, processor: Processor, features: ExactFeatures, 
             right[kind] += int(hit)
     model.train()
     scores = {kind: right[kind] / total[kind] for kind in QUESTION_KINDS if total[kind]}
-    scores["all"] = sum(right.values()) / max(sum(total.values()), 1)
+    scores["all"] = sum(right[kind] for kind in QUESTION_KINDS) / max(sum(total[kind] for kind in QUESTION_KINDS), 1)
+    if total["relevance"]:
+        scores["relevance"] = right["relevance"] / total["relevance"]
+        scores["relevance_majority"] = right["relevance_majority"] / total["relevance"]
     return scores
 
 
@@ -181,6 +232,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", choices=("scene", "object"), default="scene")
     parser.add_argument("--questions", choices=("all", *QUESTION_KINDS), default="all")
+    parser.add_argument("--token-relevance", type=int, default=None, metavar="LAYER",
+                        help="add the token-relevance loss at this decoder layer's output")
+    parser.add_argument("--relevance-weight", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -210,18 +264,24 @@ def main() -> None:
     params = [p for name, p in model.named_parameters() if name.startswith("language.")] + list(features.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
+    relevance = None
+    if args.token_relevance is not None:
+        relevance = LayerOutput(model.language.model.layers[args.token_relevance])
     history = []
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
-        logits, labels = forward(model, processor, features, rng.sample(train, min(args.batch, len(train))))
+        logits, labels, scored = forward(model, processor, features, rng.sample(train, min(args.batch, len(train))),
+                                         relevance)
         loss = shifted_cross_entropy(logits, labels)
+        if scored is not None:
+            loss = loss + args.relevance_weight * F.binary_cross_entropy_with_logits(*scored)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         warmup.step()
         if step % args.eval_every == 0 or step == args.steps:
-            scores = evaluate(model, processor, features, test)
+            scores = evaluate(model, processor, features, test, relevance)
             history.append({"step": step, "seconds": round(time.perf_counter() - started, 1), **scores})
             print(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
@@ -234,12 +294,14 @@ def main() -> None:
             print(f"{kind:<10}{n:>6}{final.get(kind, float('nan')):>10.2f}{majority[kind]:>10.2f}")
     result = {
         "benchmark": "reader", "features": args.features, "questions": args.questions, "steps": args.steps,
+        "token_relevance": args.token_relevance, "relevance_weight": args.relevance_weight,
         "batch": args.batch, "lr": args.lr, "train_questions": len(train), "test_questions": len(test),
         "accuracy": {k: v for k, v in final.items() if k not in ("step", "seconds")}, "majority": majority,
         "history": history, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__,
     }
-    out = args.out or Path(__file__).parent / "results" / f"reader-{args.features}-{args.questions}.json"
+    suffix = "" if args.token_relevance is None else f"-relevance{args.token_relevance}"
+    out = args.out or Path(__file__).parent / "results" / f"reader-{args.features}-{args.questions}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -65,3 +65,32 @@ def test_the_language_model_learns_total_counts_from_scene_features(tmp_path):
     assert report["majority"]["total"] < 0.5
     assert report["accuracy"]["total"] >= 0.9, report
     assert "majority" in result.stdout
+
+
+def test_relevance_labels_mark_the_tokens_on_the_shapes_the_question_counts():
+    bench = load_bench()
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 499, 499]},
+               {"color": "blue", "shape": "circle", "box": [500, 500, 999, 999]}]
+    centres = [(100.0, 100.0), (700.0, 700.0), (700.0, 100.0), None, (100.0, 100.0)]
+    red = bench.relevance_labels({"objects": objects, "query": {"color": "red"}}, centres, global_tokens=4)
+    assert red == [(0, 1.0), (1, 0.0), (2, 0.0)]  # no label for the newline or past the global view
+    circles = bench.relevance_labels({"objects": objects, "query": {"shape": "circle"}}, centres, global_tokens=4)
+    assert circles == [(0, 1.0), (1, 1.0), (2, 0.0)]
+    total = bench.relevance_labels({"objects": objects, "query": {}}, centres, global_tokens=4)
+    assert [label for _, label in total] == [1.0, 1.0, 0.0]
+    assert all(label == 0.0 for _, label in
+               bench.relevance_labels({"objects": objects, "query": {"color": "green"}}, centres, 4))
+
+
+def test_the_relevance_loss_runs_and_is_reported(tmp_path):
+    out = tmp_path / "reader.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--features", "object", "--questions", "colour", "--token-relevance", "1",
+         "--steps", "60", "--eval-every", "60", "--n-train", "200", "--n-test", "100", "--threads", "1",
+         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["token_relevance"] == 1
+    accuracy = report["accuracy"]
+    # 60 steps teach at least the share of tokens that are not on a counted shape
+    assert accuracy["relevance"] >= accuracy["relevance_majority"] - 0.02 > 0.5, accuracy

@@ -43,6 +43,7 @@ class BoxTarget:
     keys: tuple[int, ...]  # image-token positions inside the box
     global_keys: tuple[int, ...]  # those of the global view (the view whose tokens stage vision taught boxes)
     choice: int  # leading queries written before the box's first digit: where the box is chosen
+    global_tokens: tuple[int, ...] = ()  # global-view image-token positions whose centre lies in the image
 
 
 def image_token_centres(width: int, height: int, best_width: int, best_height: int, tile_size: int,
@@ -84,6 +85,7 @@ def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_s
         if len(centres) != len(image_positions):
             raise ValueError(f"row {row}: {len(image_positions)} image tokens in the sequence but the layout of a "
                              f"{columns}x{rows} grid has {len(centres)}")
+        in_image = tuple(image_positions[i] for i, centre in enumerate(centres[:global_tokens]) if centre is not None)
         ids, labels = batch.input_ids[row].tolist(), batch.labels[row].tolist()
         for start, token in enumerate(ids):
             if token != det or start + 1 >= len(ids) or labels[start + 1] < 0 or end not in ids[start + 1:]:
@@ -99,7 +101,8 @@ def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_s
             if inside:
                 choice = next(i for i, token in enumerate(ids[start + 1: stop + 1]) if token in digits or token == end)
                 targets.append(BoxTarget(row, tuple(range(start, stop)), tuple(image_positions[i] for i in inside),
-                                         tuple(image_positions[i] for i in inside if i < global_tokens), choice + 1))
+                                         tuple(image_positions[i] for i in inside if i < global_tokens), choice + 1,
+                                         in_image))
     return targets
 
 

@@ -19,6 +19,7 @@ to a default), and every error names the offending key.
     training: {steps: 1000, micro_batch_size: 2, grad_accum: 8, dtype: bfloat16}
     # optional: training.box_attention: {layer: 2, heads: [0], weight: 1.0, choice_weight: 0.0,
     #                                    teacher_forced: false} (see dsvl2.train.box_attention)
+    # optional: training.token_relevance: {layer: 1, weight: 1.0} (see dsvl2.train.token_relevance)
     output: {dir: runs/sft, save_every: 500}
 """
 
@@ -97,6 +98,14 @@ class BoxAttentionSection:
 
 
 @dataclass(frozen=True)
+class TokenRelevanceSection:
+    """`dsvl2.train.token_relevance`: decoder layer `layer`'s image tokens learn whether the box answer is theirs."""
+
+    layer: int
+    weight: float = 1.0  # relative to the mean next-token loss
+
+
+@dataclass(frozen=True)
 class TrainingSection:
     steps: int = 1000  # optimiser steps
     micro_batch_size: int = 1  # samples per forward, per rank
@@ -110,6 +119,7 @@ class TrainingSection:
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
     device: str = "auto"  # auto: cuda if available, else cpu
     box_attention: BoxAttentionSection | None = None
+    token_relevance: TokenRelevanceSection | None = None
     text_micro_batch_size: int = 0  # stage vision: images of text per step, besides micro_batch_size scenes
 
 
@@ -287,6 +297,10 @@ def _check(recipe: TrainRecipe) -> None:
         # The recomputed forward would run without the forcing, and the gradients would not match the loss.
         raise RecipeError("training.box_attention.teacher_forced cannot be combined with "
                           "training.activation_checkpointing")
+    relevance = recipe.training.token_relevance
+    if relevance is not None and (relevance.layer < 0 or relevance.weight <= 0):
+        raise RecipeError(f"training.token_relevance needs layer >= 0 and weight > 0, got layer {relevance.layer}, "
+                          f"weight {relevance.weight}")
     if recipe.training.text_micro_batch_size and recipe.stage != "vision":
         raise RecipeError("training.text_micro_batch_size is a setting of stage vision, not of stage "
                           f"{recipe.stage}")

@@ -42,7 +42,7 @@ from dsvl2.model import DeepseekVL2, init_weights
 from dsvl2.processor import Batch, Processor
 from dsvl2.train.box_attention import BoxTarget, box_attention_loss, box_targets, force_box_attention
 from dsvl2.train.data import SKIP_REASONS, DataError, DataSource, TrainDataset, TrainLoader
-from dsvl2.train.recipe import BoxAttentionSection, RecipeError, TrainRecipe, load_recipe
+from dsvl2.train.recipe import BoxAttentionSection, RecipeError, TokenRelevanceSection, TrainRecipe, load_recipe
 from dsvl2.train.stages import (
     build_optimizer,
     build_scheduler,
@@ -55,6 +55,7 @@ from dsvl2.train.stages import (
     trainable_groups,
     update_correction_bias,
 )
+from dsvl2.train.token_relevance import token_relevance_loss
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,8 @@ def initial_model(recipe: TrainRecipe, checkpoint: Path | None = None) -> tuple[
 class LossModule(nn.Module):
     """The training forward as one module (what DDP and FSDP2 wrap): the summed next-token
     cross-entropy of the batch, the MoE auxiliary loss, the routed experts and, with `box_attention`,
-    the box-attention loss and attention mass of `dsvl2.train.box_attention` (None without targets).
+    the box-attention loss and attention mass of `dsvl2.train.box_attention` and, with `token_relevance`,
+    the loss and accuracy of `dsvl2.train.token_relevance` (each None without targets).
 
     With `touch_all`, a micro-batch without images still runs the vision tower on one blank
     tile, times zero: every rank then has a gradient (zero) for the same parameters, which DDP
@@ -281,16 +283,25 @@ class LossModule(nn.Module):
     """
 
     def __init__(self, model: DeepseekVL2, touch_all: bool = False,
-                 box_attention: BoxAttentionSection | None = None) -> None:
+                 box_attention: BoxAttentionSection | None = None,
+                 token_relevance: TokenRelevanceSection | None = None) -> None:
         super().__init__()
         self.model = model
         self.touch_all = touch_all
         self.box_attention = box_attention
+        self.token_relevance = token_relevance
         self._attention_inputs: tuple = ()
+        self._layer_output: torch.Tensor | None = None
         self._box_targets: list[BoxTarget] = []
         if box_attention is not None:
             attention = model.language.model.layers[box_attention.layer].self_attn
             attention.register_forward_hook(self._box_attention_hook)
+        if token_relevance is not None:
+            layer = model.language.model.layers[token_relevance.layer]
+            layer.register_forward_hook(self._token_relevance_hook)
+
+    def _token_relevance_hook(self, layer: nn.Module, args: tuple, output: tuple) -> None:
+        self._layer_output = output[0]  # the decoder layer's hidden states
 
     def _box_attention_hook(self, attention: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         # The layer's inputs (normed hidden states, rotary tables, mask) give its attention weights.
@@ -303,7 +314,7 @@ class LossModule(nn.Module):
                 images: torch.Tensor, images_seq_mask: torch.Tensor, images_spatial_crop: torch.Tensor,
                 box_targets: list[BoxTarget] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], torch.Tensor | None,
-                           torch.Tensor | None]:
+                           torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         model = self.model
         embeds = model.embed_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
         if self.touch_all and not bool(images_spatial_crop.any()):
@@ -325,8 +336,13 @@ class LossModule(nn.Module):
             box_loss, mass = box_attention_loss(attention, x, rope, mask, box_targets, self.box_attention.heads,
                                                 self.box_attention.choice_weight)
             box_mass = torch.tensor(mass)
-        self._attention_inputs = ()
-        return ce_sum, out.aux_loss, out.expert_indices, box_loss, box_mass
+        relevance_loss = relevance_accuracy = None
+        if self.token_relevance is not None and box_targets:
+            scored = token_relevance_loss(self._layer_output, box_targets)
+            if scored is not None:
+                relevance_loss, relevance_accuracy = scored[0], torch.tensor(scored[1])
+        self._attention_inputs, self._layer_output = (), None
+        return ce_sum, out.aux_loss, out.expert_indices, box_loss, box_mass, relevance_loss, relevance_accuracy
 
 
 def _fsdp_wrap(loss_module: LossModule, dist_info: Distributed) -> nn.Module:
@@ -414,6 +430,7 @@ class Trainer:
         self.n_experts = cfg.n_routed_experts or 0
         self.noaux = cfg.is_moe and cfg.topk_method == "noaux_tc"
         self.box_attention = self._check_box_attention()
+        self.token_relevance = self._check_token_relevance()
         self.engine = self._wrap()
         # FSDP2 replaces the parameters by sharded ones: the optimiser must hold those.
         self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
@@ -476,9 +493,23 @@ class Trainer:
                              f"first); the model's config has {self.model.cfg.global_view_pos!r}")
         return box
 
+    def _check_token_relevance(self) -> TokenRelevanceSection | None:
+        relevance = self.recipe.training.token_relevance
+        if relevance is None:
+            return None
+        layers = self.model.cfg.language.num_hidden_layers
+        if relevance.layer >= layers:
+            raise TrainError(f"training.token_relevance.layer is {relevance.layer} but the language model has "
+                             f"{layers} layers (0..{layers - 1})")
+        if self.model.cfg.global_view_pos != "head":
+            raise TrainError(f"training.token_relevance needs global_view_pos 'head' (the global view's tokens "
+                             f"first); the model's config has {self.model.cfg.global_view_pos!r}")
+        return relevance
+
     def _wrap(self) -> nn.Module:
         distributed = self.dist.enabled
-        loss_module = LossModule(self.model, touch_all=distributed, box_attention=self.recipe.training.box_attention)
+        loss_module = LossModule(self.model, touch_all=distributed, box_attention=self.box_attention,
+                                 token_relevance=self.token_relevance)
         if distributed:
             keep_idle_experts_in_graph(self.model)
         if not distributed:
@@ -526,15 +557,16 @@ class Trainer:
         ce_total = torch.zeros((), dtype=torch.float64)
         aux_total = torch.zeros((), dtype=torch.float64)
         box_total = torch.zeros(3, dtype=torch.float64)  # box-attention loss, mass, micro-batches with a box
+        relevance_total = torch.zeros(3, dtype=torch.float64)  # token-relevance loss, accuracy, micro-batches
         counts = torch.zeros(len(self.moe), self.n_experts, dtype=torch.float64)
         self.engine.train()
         for i, batch in enumerate(batches):
             inputs = _batch_inputs(batch, device)
-            if self.box_attention is not None:
+            if self.box_attention is not None or self.token_relevance is not None:
                 inputs["box_targets"] = box_targets(batch, self.processor.tokenizer, self.processor.tile_size,
                                                     self.processor.tokens_per_side)
             with self._sync_gradients(i == len(batches) - 1), self.autocast:
-                ce_sum, aux, indices, box_loss, box_mass = self.engine(**inputs)
+                ce_sum, aux, indices, box_loss, box_mass, relevance_loss, relevance_accuracy = self.engine(**inputs)
                 loss = ce_sum * scale
                 if aux is not None and recipe.training.aux_loss:
                     loss = loss + aux / len(batches)
@@ -542,6 +574,10 @@ class Trainer:
                     loss = loss + self.box_attention.weight * box_loss / len(batches)
                     box_total += torch.stack([box_loss.detach().double().cpu(), box_mass.double(),
                                               torch.ones((), dtype=torch.float64)])
+                if relevance_loss is not None:
+                    loss = loss + self.token_relevance.weight * relevance_loss / len(batches)
+                    relevance_total += torch.stack([relevance_loss.detach().double().cpu(),
+                                                    relevance_accuracy.double(), torch.ones((), dtype=torch.float64)])
             loss.backward()
             ce_total += ce_sum.detach().double().cpu()
             if aux is not None:
@@ -558,8 +594,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         reduced = self.dist.all_reduce_sum(torch.cat([ce_total.view(1), aux_total.view(1), box_total,
-                                                      counts.reshape(-1)]))
-        counts = reduced[5:].view_as(counts)
+                                                      relevance_total, counts.reshape(-1)]))
+        counts = reduced[8:].view_as(counts)
         if self.noaux and "language" in self.trainable and recipe.training.bias_update_rate > 0:
             update_correction_bias(self.model, counts.float(), recipe.training.bias_update_rate)
         self.step += 1
@@ -572,6 +608,9 @@ class Trainer:
             "aux_loss": float(reduced[1]) / self.dist.world_size,
             **({"box_attention_loss": float(reduced[2]) / max(float(reduced[4]), 1.0),
                 "box_attention_mass": float(reduced[3]) / max(float(reduced[4]), 1.0)} if self.box_attention else {}),
+            **({"token_relevance_loss": float(reduced[5]) / max(float(reduced[7]), 1.0),
+                "token_relevance_accuracy": float(reduced[6]) / max(float(reduced[7]), 1.0)}
+               if self.token_relevance else {}),
             "lr": lrs,
             "grad_norm": grad_norm,
             "loss_tokens": int(loss_tokens),

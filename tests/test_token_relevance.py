@@ -1,0 +1,116 @@
+"""Token relevance: labels from box answers, the parameter-free logit, the loss, the trainer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from dsvl2.processor import Processor
+from dsvl2.train.box_attention import BoxTarget, box_targets, image_token_centres
+from dsvl2.train.recipe import RecipeError, recipe_from_dict
+from dsvl2.train.synthetic import generate_dataset
+from dsvl2.train.token_relevance import relevance_labels, relevance_logits, token_relevance_loss
+from dsvl2.train.trainer import Trainer, TrainError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _target(row: int, inside: tuple[int, ...], tokens: tuple[int, ...]) -> BoxTarget:
+    return BoxTarget(row=row, queries=(20,), keys=inside, global_keys=inside, choice=1, global_tokens=tokens)
+
+
+def test_box_targets_list_the_global_view_tokens_that_show_the_image(conf_dir: Path) -> None:
+    processor = Processor.from_pretrained(conf_dir / "small_like")
+    image = Image.new("RGB", (600, 400), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle((0, 0, 300, 400), fill=(230, 20, 20))
+    messages = [{"role": "user", "content": "<image>\n<|ref|>the red box<|/ref|>."},
+                {"role": "assistant", "content": "<|ref|>the red box<|/ref|><|det|>[[0, 0, 499, 999]]<|/det|>"}]
+    batch = processor.batch([processor.encode(messages, [image], inference=False)], padding="right")
+    (target,) = box_targets(batch, processor.tokenizer, processor.tile_size, processor.tokens_per_side)
+    side = processor.tokens_per_side
+    global_view = batch.images_seq_mask[0].nonzero().flatten().tolist()[: side * (side + 1)]
+    centres = image_token_centres(600, 400, *processor.tile_grid(600, 400), processor.tile_size, side)
+    # A 3:2 picture in a square view: padding rows and the newlines have no centre and are left out.
+    shown = [position for position, centre in zip(global_view, centres, strict=False) if centre is not None]
+    assert list(target.global_tokens) == shown
+    assert 0 < len(shown) < side * side
+    assert set(target.global_keys) < set(target.global_tokens)
+
+
+def test_labels_mark_the_box_tokens_of_rows_with_one_box() -> None:
+    one = _target(0, inside=(5, 7), tokens=(4, 5, 6, 7))
+    caption = [_target(1, inside=(4,), tokens=(4, 5)), _target(1, inside=(5,), tokens=(4, 5))]
+    no_tokens = _target(2, inside=(), tokens=())
+    labelled = relevance_labels([one, *caption, no_tokens])
+    assert len(labelled) == 1  # a grounded caption names several objects, the last row shows none
+    row, positions, labels = labelled[0]
+    assert row == 0 and positions == [4, 5, 6, 7]
+    assert labels.tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_logit_is_the_first_coordinate_of_the_rms_normalised_state() -> None:
+    hidden = torch.tensor([[3.0, 4.0, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 5.0, 5.0, 5.0]])
+    rms = hidden.pow(2).mean(-1).sqrt()
+    assert relevance_logits(hidden).tolist() == pytest.approx((hidden[:, 0] / rms).tolist(), rel=1e-5)
+    # Scale-free: the layer must turn its state, not grow it.
+    assert relevance_logits(10 * hidden).tolist() == pytest.approx(relevance_logits(hidden).tolist(), rel=1e-5)
+
+
+def test_loss_and_accuracy_follow_the_first_coordinate() -> None:
+    target = _target(1, inside=(2, 3), tokens=(1, 2, 3, 4))
+    hidden = torch.zeros(2, 6, 4)
+    hidden[:, :, 1] = 1.0
+    hidden[1, [2, 3], 0] = 3.0  # relevant: positive logit
+    hidden[1, [1, 4], 0] = -3.0
+    loss, accuracy = token_relevance_loss(hidden, [target])
+    assert accuracy == 1.0
+    logit = 3.0 / math.sqrt(10 / 4)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-logit)), rel=1e-5)
+    hidden[1, [2, 3], 0] = -3.0  # now every relevant token says no
+    loss_wrong, accuracy_wrong = token_relevance_loss(hidden, [target])
+    assert accuracy_wrong == 0.5 and float(loss_wrong) > float(loss)
+    assert token_relevance_loss(hidden, []) is None
+
+
+@pytest.fixture(scope="module")
+def grounding_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("grounding")
+    generate_dataset(root, 8, seed=5, tasks=["grounding"])
+    return root
+
+
+def _recipe(conf_dir: Path, data: Path, out: Path, **training) -> object:
+    return recipe_from_dict({
+        "stage": "sft",
+        "model": {"checkpoint": str(conf_dir / "small_like")},
+        "data": {"sources": [{"name": "g", "paths": [str(data)]}], "shuffle_buffer": 1},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
+        "schedule": {"kind": "constant"},
+        "training": {"steps": 12, "micro_batch_size": 2, "freeze": ["vision", "projector"], **training},
+        "output": {"dir": str(out), "save_every": 100, "progress": False},
+    }, out.parent)
+
+
+def test_training_teaches_the_tokens_their_relevance(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+    relevance = {"layer": 0, "weight": 1.0}
+    history = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "on", token_relevance=relevance)).train()
+    losses = [r["token_relevance_loss"] for r in history]
+    assert all(0 <= r["token_relevance_accuracy"] <= 1 for r in history)
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses  # at least the share of relevant tokens is learnt
+    plain = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "off")).train()
+    assert "token_relevance_loss" not in plain[0]
+    assert plain[0]["loss"] == pytest.approx(history[0]["loss"], rel=1e-6)  # same batches, same first forward
+    assert plain[-1]["loss"] != pytest.approx(history[-1]["loss"], rel=1e-4)  # the loss changed the training
+
+
+def test_token_relevance_settings_are_checked(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="training.token_relevance needs layer >= 0 and weight > 0"):
+        _recipe(conf_dir, grounding_dir, tmp_path / "a", token_relevance={"layer": 0, "weight": 0})
+    with pytest.raises(RecipeError, match="training.token_relevance.layer is required"):
+        _recipe(conf_dir, grounding_dir, tmp_path / "b", token_relevance={"weight": 1.0})
+    with pytest.raises(TrainError, match="token_relevance.layer is 99"):
+        Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "c", token_relevance={"layer": 99}))
