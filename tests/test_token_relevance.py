@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,10 @@ def test_token_relevance_settings_are_checked(conf_dir: Path, grounding_dir: Pat
         _recipe(conf_dir, grounding_dir, tmp_path / "b", token_relevance={"weight": 1.0})
     with pytest.raises(TrainError, match="token_relevance.layer is 99"):
         Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "c", token_relevance={"layer": 99}))
+    tail = tmp_path / "tail_model"
+    shutil.copytree(conf_dir / "small_like", tail)
+    config = json.loads((tail / "config.json").read_text())
+    (tail / "config.json").write_text(json.dumps({**config, "global_view_pos": "tail"}))
+    raw = _recipe(conf_dir, grounding_dir, tmp_path / "d", token_relevance={"layer": 0}).raw
+    with pytest.raises(TrainError, match="training.token_relevance needs global_view_pos 'head'.*'tail'"):
+        Trainer(recipe_from_dict({**raw, "model": {"checkpoint": str(tail)}}, tmp_path))

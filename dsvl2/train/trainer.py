@@ -487,11 +487,14 @@ class Trainer:
         if max(box.heads) >= cfg.num_attention_heads:
             raise TrainError(f"training.box_attention.heads {list(box.heads)} name a head >= the "
                              f"{cfg.num_attention_heads} attention heads of the language model")
-        if self.model.cfg.global_view_pos != "head":
-            # image_token_centres and the global-view keys follow the layout with the global view first.
-            raise TrainError(f"training.box_attention needs global_view_pos 'head' (the global view's tokens "
-                             f"first); the model's config has {self.model.cfg.global_view_pos!r}")
+        self._require_global_view_first("box_attention")
         return box
+
+    def _require_global_view_first(self, option: str) -> None:
+        # image_token_centres and the global-view tokens follow the layout with the global view first.
+        if self.model.cfg.global_view_pos != "head":
+            raise TrainError(f"training.{option} needs global_view_pos 'head' (the global view's tokens "
+                             f"first); the model's config has {self.model.cfg.global_view_pos!r}")
 
     def _check_token_relevance(self) -> TokenRelevanceSection | None:
         relevance = self.recipe.training.token_relevance
@@ -501,9 +504,7 @@ class Trainer:
         if relevance.layer >= layers:
             raise TrainError(f"training.token_relevance.layer is {relevance.layer} but the language model has "
                              f"{layers} layers (0..{layers - 1})")
-        if self.model.cfg.global_view_pos != "head":
-            raise TrainError(f"training.token_relevance needs global_view_pos 'head' (the global view's tokens "
-                             f"first); the model's config has {self.model.cfg.global_view_pos!r}")
+        self._require_global_view_first("token_relevance")
         return relevance
 
     def _wrap(self) -> nn.Module:
