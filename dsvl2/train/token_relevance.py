@@ -13,8 +13,8 @@ Measured on this 2-core CPU with a fresh language model of the default configura
 questions: on exact image features (`benchmarks/bench_reader.py --features object --questions colour`),
 0.62, 0.67, 0.94 and 0.99 of 168 held-out questions after 500, 1,000, 1,500 and 2,000 steps with it (its
 verdicts right for 0.99 of the tokens after 1,000), 0.67, 0.70, 0.66 and 0.65 without (most common
-answer 0.41). On the default model's frozen tower it did not help: the tokens' verdicts stayed at the
-share of tokens outside the box (0.91) through 1,500 grounding steps, and held-out grounding with and
+answer 0.41). On the default model's frozen tower it did not help: the tokens' verdicts stayed near the
+share of tokens outside the box (0.89) through 1,500 grounding steps, and held-out grounding with and
 without it was the same (0.28, 0.27). The tower's tokens encode a shape's kind weakly (a linear probe
 names it under 0.57 of the tokens on a shape, its colour under 0.86), and referring expressions mostly
 name kinds.
