@@ -14,13 +14,17 @@ Features of the image tokens (`--features`), each a sum of learned vectors:
           the count of its colour and the count of its kind; every global-view token holds the total.
 Local-view, newline and separator tokens are one learned vector: they carry nothing.
 
+`--freeze-features` keeps the features at their random starting values (only the language model learns);
+`--feature-scale X` multiplies them (the default model's image tokens are ~50x the text embeddings' RMS).
+
 `--token-relevance LAYER` adds the loss of `dsvl2.train.token_relevance` at that decoder layer's output:
 each global-view token that shows the image learns whether it lies on a shape the question counts (of
 the named colour or kind; any shape for a total); the held-out share of tokens it gets right is reported
 as `relevance` (beside `relevance_majority`, the share of tokens that are not relevant).
 
     python benchmarks/bench_reader.py [--features scene|object] [--questions all|total|colour|kind]
-        [--token-relevance LAYER] [--relevance-weight 1.0] [--steps 1000] [--batch 4] [--lr 3e-4]
+        [--token-relevance LAYER] [--relevance-weight 1.0] [--freeze-features] [--feature-scale 1.0]
+        [--steps 1000] [--batch 4] [--lr 3e-4]
         [--n-train 6000] [--n-test 400] [--threads N] [--out F]
 
 Accuracy is the argmax at the answer's first token under teacher forcing, which is the first token
@@ -67,8 +71,9 @@ def question_kind(record: dict[str, Any]) -> str:
 class ExactFeatures(nn.Module):
     """Image-token embeddings built from a record's objects instead of its pixels."""
 
-    def __init__(self, dim: int, mode: str) -> None:
+    def __init__(self, dim: int, mode: str, scale: float = 1.0) -> None:
         super().__init__()
+        self.scale = scale
         if mode not in ("scene", "object"):
             raise ValueError(f"features must be scene or object, got {mode!r}")
         self.mode = mode
@@ -100,7 +105,7 @@ class ExactFeatures(nn.Module):
                 rows.append(scene)
             else:
                 rows.append(total + self._object_feature(objects, centre, colours, kinds))
-        return torch.stack(rows)
+        return self.scale * torch.stack(rows)
 
     def _object_feature(self, objects: list[dict[str, Any]], centre: tuple[float, float],
                         colours: Counter, kinds: Counter) -> torch.Tensor:
@@ -235,6 +240,8 @@ def main() -> None:
     parser.add_argument("--token-relevance", type=int, default=None, metavar="LAYER",
                         help="add the token-relevance loss at this decoder layer's output")
     parser.add_argument("--relevance-weight", type=float, default=1.0)
+    parser.add_argument("--freeze-features", action="store_true", help="the features keep their random values")
+    parser.add_argument("--feature-scale", type=float, default=1.0, help="multiply every feature by this")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -254,14 +261,16 @@ def main() -> None:
     raw = load_json(folder / "config.json")
     model = init_weights(build_model(model_config_from_dict(raw), device="cpu"), seed=args.seed)
     processor = Processor.from_pretrained(folder)
-    features = ExactFeatures(model.cfg.language.hidden_size, args.features)
+    features = ExactFeatures(model.cfg.language.hidden_size, args.features, args.feature_scale)
+    features.requires_grad_(not args.freeze_features)
 
     started = time.perf_counter()
     train = make_examples(processor, args.n_train, 1, "train", args.questions)
     test = make_examples(processor, args.n_test, 7, "test", args.questions)
     print(f"{len(train)} train and {len(test)} test questions in {time.perf_counter() - started:.0f}s")
 
-    params = [p for name, p in model.named_parameters() if name.startswith("language.")] + list(features.parameters())
+    params = [p for name, p in model.named_parameters() if name.startswith("language.")]
+    params += [] if args.freeze_features else list(features.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
     relevance = None
@@ -295,6 +304,7 @@ def main() -> None:
     result = {
         "benchmark": "reader", "features": args.features, "questions": args.questions, "steps": args.steps,
         "token_relevance": args.token_relevance, "relevance_weight": args.relevance_weight,
+        "freeze_features": args.freeze_features, "feature_scale": args.feature_scale,
         "batch": args.batch, "lr": args.lr, "train_questions": len(train), "test_questions": len(test),
         "accuracy": {k: v for k, v in final.items() if k not in ("step", "seconds")}, "majority": majority,
         "history": history, "threads": torch.get_num_threads(), "machine": platform.machine(),

@@ -94,3 +94,22 @@ def test_the_relevance_loss_runs_and_is_reported(tmp_path):
     accuracy = report["accuracy"]
     # 60 steps teach at least the share of tokens that are not on a counted shape
     assert accuracy["relevance"] >= accuracy["relevance_majority"] - 0.02 > 0.5, accuracy
+
+
+def test_feature_scale_multiplies_every_feature_and_frozen_features_run(tmp_path):
+    bench = load_bench()
+    torch.manual_seed(0)
+    plain = bench.ExactFeatures(8, "object")
+    scaled = bench.ExactFeatures(8, "object", scale=50.0)
+    scaled.load_state_dict(plain.state_dict())
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 499, 499]}]
+    centres = [(100.0, 100.0), (700.0, 700.0), None]
+    torch.testing.assert_close(scaled(objects, centres, 3), 50.0 * plain(objects, centres, 3))
+    out = tmp_path / "frozen.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--features", "object", "--freeze-features", "--feature-scale", "50",
+         "--steps", "10", "--eval-every", "10", "--n-train", "60", "--n-test", "30", "--threads", "1",
+         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["freeze_features"] is True and report["feature_scale"] == 50.0
