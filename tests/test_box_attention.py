@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from dsvl2.train.box_attention import (
     force_box_attention,
     image_token_centres,
 )
-from dsvl2.train.recipe import RecipeError, recipe_from_dict
-from dsvl2.train.synthetic import generate_dataset
+from dsvl2.train.recipe import RecipeError
 from dsvl2.train.trainer import Trainer, TrainError
 from dsvl2.vision.tiling import num_image_tokens, tile_counts
 
@@ -174,37 +172,18 @@ def test_loss_is_minus_log_attention_mass_on_the_keys() -> None:
     assert zero.item() == 0.0 and mass == 0.0
 
 
-@pytest.fixture(scope="module")
-def grounding_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("grounding")
-    generate_dataset(root, 8, seed=5, tasks=["grounding"])
-    return root
-
-
-def _recipe(conf_dir: Path, data: Path, out: Path, **training) -> object:
-    return recipe_from_dict({
-        "stage": "sft",
-        "model": {"checkpoint": str(conf_dir / "small_like")},
-        "data": {"sources": [{"name": "g", "paths": [str(data)]}], "shuffle_buffer": 1},
-        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
-        "schedule": {"kind": "constant"},
-        "training": {"steps": 12, "micro_batch_size": 2, "freeze": ["vision", "projector"], **training},
-        "output": {"dir": str(out), "save_every": 100, "progress": False},
-    }, out.parent)
-
-
-def test_training_pulls_the_head_onto_the_named_box(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+def test_training_pulls_the_head_onto_the_named_box(grounding_dir: Path, grounding_recipe, tmp_path: Path) -> None:
     records = [json.loads(line) for line in (grounding_dir / "train.jsonl").read_text().splitlines()]
     assert all("<|det|>" in r["messages"][-1]["content"] for r in records)
     box = {"layer": 1, "heads": [0, 2], "weight": 1.0}
-    history = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "on", box_attention=box)).train()
+    history = Trainer(grounding_recipe(tmp_path / "on", box_attention=box)).train()
     masses = [r["box_attention_mass"] for r in history]
     assert all(r["box_attention_loss"] > 0 for r in history)
     assert sum(masses[-3:]) > 2 * sum(masses[:3]), masses
-    plain = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "off")).train()
+    plain = Trainer(grounding_recipe(tmp_path / "off")).train()
     assert "box_attention_mass" not in plain[0]
     assert plain[0]["loss"] == pytest.approx(history[0]["loss"], rel=1e-6)  # same batches, same first forward
-    forced = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "forced",
+    forced = Trainer(grounding_recipe(tmp_path / "forced",
                              box_attention={**box, "teacher_forced": True, "choice_weight": 1.0})).train()
     assert forced[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-4)  # the forced heads change the forward
     assert forced[0]["box_attention_loss"] > history[0]["box_attention_loss"]  # the choice positions count twice
@@ -212,27 +191,22 @@ def test_training_pulls_the_head_onto_the_named_box(conf_dir: Path, grounding_di
     assert sum(forced_masses[-3:]) > 2 * sum(forced_masses[:3]), forced_masses
 
 
-def test_box_attention_settings_are_checked(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+def test_box_attention_settings_are_checked(grounding_recipe, tail_view_model: Path, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="training.box_attention"):
-        _recipe(conf_dir, grounding_dir, tmp_path / "a", box_attention={"layer": 0, "heads": [], "weight": 1.0})
+        grounding_recipe(tmp_path / "a", box_attention={"layer": 0, "heads": [], "weight": 1.0})
     with pytest.raises(RecipeError, match="training.box_attention"):
-        _recipe(conf_dir, grounding_dir, tmp_path / "b", box_attention={"layer": 0, "weight": 0})
+        grounding_recipe(tmp_path / "b", box_attention={"layer": 0, "weight": 0})
     with pytest.raises(RecipeError, match="choice_weight -1"):
-        _recipe(conf_dir, grounding_dir, tmp_path / "e", box_attention={"layer": 0, "choice_weight": -1})
+        grounding_recipe(tmp_path / "e", box_attention={"layer": 0, "choice_weight": -1})
     with pytest.raises(RecipeError, match="teacher_forced cannot be combined with training.activation_checkpointing"):
-        _recipe(conf_dir, grounding_dir, tmp_path / "f", box_attention={"layer": 0, "teacher_forced": True},
+        grounding_recipe(tmp_path / "f", box_attention={"layer": 0, "teacher_forced": True},
                 activation_checkpointing=True)
     with pytest.raises(TrainError, match="box_attention.layer is 99"):
-        Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "c", box_attention={"layer": 99}))
+        Trainer(grounding_recipe(tmp_path / "c", box_attention={"layer": 99}))
     with pytest.raises(TrainError, match="heads"):
-        Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "d", box_attention={"layer": 0, "heads": [64]}))
-    tail = tmp_path / "tail_model"
-    shutil.copytree(conf_dir / "small_like", tail)
-    config = json.loads((tail / "config.json").read_text())
-    (tail / "config.json").write_text(json.dumps({**config, "global_view_pos": "tail"}))
-    raw = _recipe(conf_dir, grounding_dir, tmp_path / "g", box_attention={"layer": 0}).raw
+        Trainer(grounding_recipe(tmp_path / "d", box_attention={"layer": 0, "heads": [64]}))
     with pytest.raises(TrainError, match="global_view_pos 'head'.*'tail'"):
-        Trainer(recipe_from_dict({**raw, "model": {"checkpoint": str(tail)}}, tmp_path))
+        Trainer(grounding_recipe(tmp_path / "g", checkpoint=tail_view_model, box_attention={"layer": 0}))
 
 
 @pytest.mark.parametrize("variant", ["tiny_like", "small_like"])  # multi-head and latent attention

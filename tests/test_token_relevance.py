@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,7 @@ from PIL import Image, ImageDraw
 
 from dsvl2.processor import Processor
 from dsvl2.train.box_attention import BoxTarget, box_targets, image_token_centres
-from dsvl2.train.recipe import RecipeError, recipe_from_dict
-from dsvl2.train.synthetic import generate_dataset
+from dsvl2.train.recipe import RecipeError
 from dsvl2.train.token_relevance import relevance_labels, relevance_logits, token_relevance_loss
 from dsvl2.train.trainer import Trainer, TrainError
 
@@ -78,48 +75,24 @@ def test_loss_and_accuracy_follow_the_first_coordinate() -> None:
     assert token_relevance_loss(hidden, []) is None
 
 
-@pytest.fixture(scope="module")
-def grounding_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("grounding")
-    generate_dataset(root, 8, seed=5, tasks=["grounding"])
-    return root
-
-
-def _recipe(conf_dir: Path, data: Path, out: Path, **training) -> object:
-    return recipe_from_dict({
-        "stage": "sft",
-        "model": {"checkpoint": str(conf_dir / "small_like")},
-        "data": {"sources": [{"name": "g", "paths": [str(data)]}], "shuffle_buffer": 1},
-        "optimizer": {"lr": 3e-3, "weight_decay": 0.0},
-        "schedule": {"kind": "constant"},
-        "training": {"steps": 12, "micro_batch_size": 2, "freeze": ["vision", "projector"], **training},
-        "output": {"dir": str(out), "save_every": 100, "progress": False},
-    }, out.parent)
-
-
-def test_training_teaches_the_tokens_their_relevance(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+def test_training_teaches_the_tokens_their_relevance(grounding_recipe, tmp_path: Path) -> None:
     relevance = {"layer": 0, "weight": 1.0}
-    history = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "on", token_relevance=relevance)).train()
+    history = Trainer(grounding_recipe(tmp_path / "on", token_relevance=relevance)).train()
     losses = [r["token_relevance_loss"] for r in history]
     assert all(0 <= r["token_relevance_accuracy"] <= 1 for r in history)
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses  # at least the share of relevant tokens is learnt
-    plain = Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "off")).train()
+    plain = Trainer(grounding_recipe(tmp_path / "off")).train()
     assert "token_relevance_loss" not in plain[0]
     assert plain[0]["loss"] == pytest.approx(history[0]["loss"], rel=1e-6)  # same batches, same first forward
     assert plain[-1]["loss"] != pytest.approx(history[-1]["loss"], rel=1e-4)  # the loss changed the training
 
 
-def test_token_relevance_settings_are_checked(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
+def test_token_relevance_settings_are_checked(grounding_recipe, tail_view_model: Path, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="training.token_relevance needs layer >= 0 and weight > 0"):
-        _recipe(conf_dir, grounding_dir, tmp_path / "a", token_relevance={"layer": 0, "weight": 0})
+        grounding_recipe(tmp_path / "a", token_relevance={"layer": 0, "weight": 0})
     with pytest.raises(RecipeError, match="training.token_relevance.layer is required"):
-        _recipe(conf_dir, grounding_dir, tmp_path / "b", token_relevance={"weight": 1.0})
+        grounding_recipe(tmp_path / "b", token_relevance={"weight": 1.0})
     with pytest.raises(TrainError, match="token_relevance.layer is 99"):
-        Trainer(_recipe(conf_dir, grounding_dir, tmp_path / "c", token_relevance={"layer": 99}))
-    tail = tmp_path / "tail_model"
-    shutil.copytree(conf_dir / "small_like", tail)
-    config = json.loads((tail / "config.json").read_text())
-    (tail / "config.json").write_text(json.dumps({**config, "global_view_pos": "tail"}))
-    raw = _recipe(conf_dir, grounding_dir, tmp_path / "d", token_relevance={"layer": 0}).raw
+        Trainer(grounding_recipe(tmp_path / "c", token_relevance={"layer": 99}))
     with pytest.raises(TrainError, match="training.token_relevance needs global_view_pos 'head'.*'tail'"):
-        Trainer(recipe_from_dict({**raw, "model": {"checkpoint": str(tail)}}, tmp_path))
+        Trainer(grounding_recipe(tmp_path / "d", checkpoint=tail_view_model, token_relevance={"layer": 0}))
