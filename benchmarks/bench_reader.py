@@ -4,26 +4,34 @@ The vision tower and projector are replaced by exact features computed from the 
 a fresh language model (the default model's configuration) is trained on synthetic counting questions
 and scored on held-out ones, by question kind, beside the score of always giving the most common
 answer. This separates what the language model learns in a number of steps from what the tower
-delivers: the default model's counting stays near that majority score, and if this benchmark does
-too, a better tower cannot lift it.
+delivers: the same questions, labels and language model run on exact features and on the tower's own
+tokens (`--features tower`).
 
-Features of the image tokens (`--features`), each a sum of learned vectors:
+Features of the image tokens (`--features`), the first two each a sum of learned vectors:
   scene   every global-view token holds the scene's counts (of each colour, of each kind, in all),
           the scene labels stage vision teaches every global-view token (dsvl2/train/dense.py).
   object  a global-view token whose centre lies on an object holds that object's colour, its kind,
           the count of its colour and the count of its kind; every global-view token holds the total.
 Local-view, newline and separator tokens are one learned vector: they carry nothing.
+  tower   the image tokens a checkpoint's frozen vision tower and projector make of the pixels (`--tower DIR`,
+          the default model's by default), every view, newline and separator included: what the language
+          model of that checkpoint receives. Same questions, labels and language model as above, so the
+          difference from `object` is the tower's.
 
 `--freeze-features` keeps the features at their random starting values (only the language model learns);
-`--feature-scale X` multiplies them (the default model's image tokens are ~50x the text embeddings' RMS).
+`--feature-scale X` multiplies them (the default model's image tokens are ~50x the text embeddings' RMS);
+`--colour-noise P` / `--kind-noise P` make an object token name a wrong colour / kind with probability P,
+drawn afresh at every forward (the tower's tokens are not exact: a linear probe reads 0.86 / 0.57 of them).
 
 `--token-relevance LAYER` adds the loss of `dsvl2.train.token_relevance` at that decoder layer's output:
 each global-view token that shows the image learns whether it lies on a shape the question counts (of
 the named colour or kind; any shape for a total); the held-out share of tokens it gets right is reported
 as `relevance` (beside `relevance_majority`, the share of tokens that are not relevant).
 
-    python benchmarks/bench_reader.py [--features scene|object] [--questions all|total|colour|kind]
+    python benchmarks/bench_reader.py [--features scene|object|tower] [--tower DIR]
+        [--questions all|total|colour|kind]
         [--token-relevance LAYER] [--relevance-weight 1.0] [--freeze-features] [--feature-scale 1.0]
+        [--colour-noise 0] [--kind-noise 0]
         [--steps 1000] [--batch 4] [--lr 3e-4]
         [--n-train 6000] [--n-test 400] [--threads N] [--out F]
 
@@ -48,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsvl2.checkpoint import build_model
+from dsvl2.checkpoint import build_model, load_model
 from dsvl2.config import load_json, model_config_from_dict
 from dsvl2.defaults import default_model_dir
 from dsvl2.language.model import shifted_cross_entropy
@@ -71,9 +79,14 @@ def question_kind(record: dict[str, Any]) -> str:
 class ExactFeatures(nn.Module):
     """Image-token embeddings built from a record's objects instead of its pixels."""
 
-    def __init__(self, dim: int, mode: str, scale: float = 1.0) -> None:
+    def __init__(self, dim: int, mode: str, scale: float = 1.0, colour_noise: float = 0.0,
+                 kind_noise: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.scale = scale
+        # The tower's tokens name a shape's colour and kind only so often (a linear probe: 0.86 and 0.57);
+        # noise draws a wrong one, afresh at every forward, with these probabilities.
+        self.colour_noise, self.kind_noise = colour_noise, kind_noise
+        self.rng = random.Random(seed)
         if mode not in ("scene", "object"):
             raise ValueError(f"features must be scene or object, got {mode!r}")
         self.mode = mode
@@ -113,16 +126,60 @@ class ExactFeatures(nn.Module):
         for o in objects:
             x1, y1, x2, y2 = o["box"]
             if x1 <= x <= x2 and y1 <= y <= y2:
-                c, k = COLOURS.index(o["color"]), KINDS.index(o["shape"])
-                return (self.colour[c] + self.kind[k] + self._count(c, colours[o["color"]])
-                        + self._count(len(COLOURS) + k, kinds[o["shape"]]))
+                # a garbled token is wrong throughout: it names the other colour and that colour's count
+                c = self._garble(COLOURS.index(o["color"]), len(COLOURS), self.colour_noise)
+                k = self._garble(KINDS.index(o["shape"]), len(KINDS), self.kind_noise)
+                return (self.colour[c] + self.kind[k] + self._count(c, colours[COLOURS[c]])
+                        + self._count(len(COLOURS) + k, kinds[KINDS[k]]))
         return self.background
 
+    def embed(self, record: dict[str, Any], centres: list[tuple[float, float] | None], global_tokens: int
+              ) -> torch.Tensor:
+        return self(record["objects"], centres, global_tokens)
 
-def make_examples(processor: Processor, n: int, seed: int, split: str, questions: str
+    def _garble(self, index: int, choices: int, noise: float) -> int:
+        """`index`, or with probability `noise` one of the other `choices`."""
+        if noise and self.rng.random() < noise:
+            return (index + self.rng.randrange(1, choices)) % choices
+        return index
+
+
+class TowerFeatures:
+    """The image tokens of a checkpoint's frozen vision tower and projector, made once per record by
+    `prepare` (kept in the record as `image_tokens`) so that training pays for no vision forward."""
+
+    def __init__(self, folder: Path) -> None:
+        self.model = load_model(folder).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def prepare(self, record: dict[str, Any], sample: Sample) -> None:
+        crop = tuple(int(v) for v in sample.images_spatial_crop[0])
+        record["image_tokens"] = self.model.image_embeddings(sample.pixel_values, [crop])[0]
+
+    def embed(self, record: dict[str, Any], centres: list[tuple[float, float] | None], global_tokens: int
+              ) -> torch.Tensor:
+        return record["image_tokens"]
+
+    def whiten(self, examples: list, rms: float = 1.0) -> None:
+        """Map every prepared record's tokens by the ZCA whitening of these examples' tokens (mean removed,
+        every direction given the same variance, scaled to `rms`): an affine map, which the projector's
+        last linear layer could absorb."""
+        tokens = torch.cat([record["image_tokens"] for record, _, _ in examples]).double()
+        self.mean = tokens.mean(0)
+        values, vectors = torch.linalg.eigh(torch.cov((tokens - self.mean).T))
+        self.matrix = (vectors * values.clamp(min=1e-6).rsqrt()) @ vectors.T * rms
+
+    def apply_whitening(self, examples: list) -> None:
+        for record, _, _ in examples:
+            record["image_tokens"] = ((record["image_tokens"].double() - self.mean) @ self.matrix).float()
+
+
+def make_examples(processor: Processor, n: int, seed: int, split: str, questions: str,
+                  tower: TowerFeatures | None = None
                   ) -> list[tuple[dict[str, Any], Sample, list[tuple[float, float] | None]]]:
     """Counting records of (seed, split) of the asked question kind, each with its encoded sample
-    (pixels dropped: the features come from the objects) and the 0..999 centre of every image token."""
+    (pixels dropped: the features come from the objects, or from `tower`, which sees them first) and the
+    0..999 centre of every image token."""
     out = []
     tile = processor.tile_size
     side = processor.tokens_per_side
@@ -134,6 +191,8 @@ def make_examples(processor: Processor, n: int, seed: int, split: str, questions
         centres = image_token_centres(image.width, image.height, columns * tile, rows * tile, tile, side)
         if len(centres) != int(sample.images_seq_mask.sum()):
             raise RuntimeError("the image-token layout and the processor disagree")
+        if tower is not None:
+            tower.prepare(record, sample)
         sample.pixel_values = sample.pixel_values[:0].clone()  # a view would keep every pixel alive
         out.append((record, sample, centres))
     return out
@@ -165,13 +224,13 @@ class LayerOutput:
         self.hidden = output[0]
 
 
-def forward(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list,
+def forward(model: DeepseekVL2, processor: Processor, features: ExactFeatures | TowerFeatures, examples: list,
             relevance: LayerOutput | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """Logits [B, T, V] and labels [B, T] of a left-padded batch whose image tokens are exact features,
     and with `relevance` the relevance logits and 0/1 labels of the global-view tokens that show the image."""
     batch = processor.batch([sample for _, sample, _ in examples])
     side = processor.tokens_per_side
-    embeds = [features(record["objects"], centres, side * (side + 1)) for record, _, centres in examples]
+    embeds = [features.embed(record, centres, side * (side + 1)) for record, _, centres in examples]
     inputs = merge_image_embeddings(model.language.model.embed_tokens(batch.input_ids), batch.images_seq_mask,
                                     torch.cat(embeds))
     out = model(inputs_embeds=inputs, attention_mask=batch.attention_mask)
@@ -195,7 +254,7 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: DeepseekVL2, processor: Processor, features: ExactFeatures, examples: list,
+def evaluate(model: DeepseekVL2, processor: Processor, features: ExactFeatures | TowerFeatures, examples: list,
              relevance: LayerOutput | None = None) -> dict[str, float]:
     model.eval()
     right: Counter = Counter()
@@ -235,13 +294,21 @@ def majority_scores(examples: list) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--features", choices=("scene", "object"), default="scene")
+    parser.add_argument("--features", choices=("scene", "object", "tower"), default="scene")
+    parser.add_argument("--tower", type=Path, default=None,
+                        help="checkpoint whose vision tower and projector make the tower features (default model)")
     parser.add_argument("--questions", choices=("all", *QUESTION_KINDS), default="all")
     parser.add_argument("--token-relevance", type=int, default=None, metavar="LAYER",
                         help="add the token-relevance loss at this decoder layer's output")
     parser.add_argument("--relevance-weight", type=float, default=1.0)
     parser.add_argument("--freeze-features", action="store_true", help="the features keep their random values")
     parser.add_argument("--feature-scale", type=float, default=1.0, help="multiply every feature by this")
+    parser.add_argument("--whiten", type=float, default=None, metavar="RMS",
+                        help="whiten the tower features to this RMS (see TowerFeatures.whiten)")
+    parser.add_argument("--colour-noise", type=float, default=0.0,
+                        help="probability that an object token names a wrong colour (object features)")
+    parser.add_argument("--kind-noise", type=float, default=0.0,
+                        help="probability that an object token names a wrong kind (object features)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -252,6 +319,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.whiten is not None and args.features != "tower":
+        parser.error("--whiten applies to --features tower")
+    if (args.colour_noise or args.kind_noise) and args.features != "object":
+        parser.error("--colour-noise and --kind-noise apply to --features object")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -261,16 +332,25 @@ def main() -> None:
     raw = load_json(folder / "config.json")
     model = init_weights(build_model(model_config_from_dict(raw), device="cpu"), seed=args.seed)
     processor = Processor.from_pretrained(folder)
-    features = ExactFeatures(model.cfg.language.hidden_size, args.features, args.feature_scale)
-    features.requires_grad_(not args.freeze_features)
+    tower = TowerFeatures(args.tower or folder) if args.features == "tower" else None
+    if tower is not None and tower.model.cfg != model.cfg:
+        raise SystemExit(f"--tower {args.tower}: its configuration differs from the default model's")
+    features = tower or ExactFeatures(model.cfg.language.hidden_size, args.features, args.feature_scale,
+                                      args.colour_noise, args.kind_noise, args.seed)
+    if tower is None:
+        features.requires_grad_(not args.freeze_features)
 
     started = time.perf_counter()
-    train = make_examples(processor, args.n_train, 1, "train", args.questions)
-    test = make_examples(processor, args.n_test, 7, "test", args.questions)
+    train = make_examples(processor, args.n_train, 1, "train", args.questions, tower)
+    test = make_examples(processor, args.n_test, 7, "test", args.questions, tower)
     print(f"{len(train)} train and {len(test)} test questions in {time.perf_counter() - started:.0f}s")
+    if args.whiten is not None:
+        tower.whiten(train, args.whiten)
+        tower.apply_whitening(train)
+        tower.apply_whitening(test)
 
     params = [p for name, p in model.named_parameters() if name.startswith("language.")]
-    params += [] if args.freeze_features else list(features.parameters())
+    params += [] if args.freeze_features or tower is not None else list(features.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
     relevance = None
@@ -305,6 +385,8 @@ def main() -> None:
         "benchmark": "reader", "features": args.features, "questions": args.questions, "steps": args.steps,
         "token_relevance": args.token_relevance, "relevance_weight": args.relevance_weight,
         "freeze_features": args.freeze_features, "feature_scale": args.feature_scale,
+        "colour_noise": args.colour_noise, "kind_noise": args.kind_noise, "whiten": args.whiten,
+        "tower": str(args.tower) if args.tower else None,
         "batch": args.batch, "lr": args.lr, "train_questions": len(train), "test_questions": len(test),
         "accuracy": {k: v for k, v in final.items() if k not in ("step", "seconds")}, "majority": majority,
         "history": history, "threads": torch.get_num_threads(), "machine": platform.machine(),

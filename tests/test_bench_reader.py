@@ -113,3 +113,86 @@ def test_feature_scale_multiplies_every_feature_and_frozen_features_run(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["freeze_features"] is True and report["feature_scale"] == 50.0
+
+
+def test_noise_names_a_wrong_colour_or_kind_at_the_asked_rate():
+    bench = load_bench()
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 999, 999]}]
+    red, circle = bench.COLOURS.index("red"), bench.KINDS.index("circle")
+    colours, kinds = len(bench.COLOURS), len(bench.KINDS)
+    features = bench.ExactFeatures(8, "object", colour_noise=0.3, kind_noise=1.0, seed=1)
+    total = features.count[colours + kinds, 1]
+    named = []
+    for _ in range(400):
+        out = features(objects, [(500.0, 500.0)], 1)[0]
+        # which (colour, kind) the token names, its counts included (0 for a colour or kind the scene lacks)
+        matches = [(c, k) for c in range(colours) for k in range(kinds) if torch.allclose(out, total
+                   + features.colour[c] + features.kind[k] + features.count[c, int(c == red)]
+                   + features.count[colours + k, int(k == circle)])]
+        assert len(matches) == 1
+        named.append(matches[0])
+    wrong_colour = sum(c != red for c, _ in named) / len(named)
+    assert 0.22 < wrong_colour < 0.38
+    assert all(k != circle for _, k in named)  # kind noise 1.0: always another kind
+    assert len({c for c, _ in named}) == colours  # every other colour is drawn
+    clean = bench.ExactFeatures(8, "object")
+    clean.load_state_dict(features.state_dict())
+    expected = total + clean.colour[red] + clean.kind[circle] + clean.count[red, 1] + clean.count[colours + circle, 1]
+    torch.testing.assert_close(clean(objects, [(500.0, 500.0)], 1)[0], expected)
+
+
+def test_tower_features_are_the_image_tokens_the_checkpoint_gives_its_language_model():
+    from dsvl2.defaults import default_model_dir
+    from dsvl2.processor import Processor
+    from dsvl2.train.synthetic import generate_records
+
+    bench = load_bench()
+    processor = Processor.from_pretrained(default_model_dir())
+    tower = bench.TowerFeatures(default_model_dir())
+    (record, sample, centres), *_ = bench.make_examples(processor, 12, 7, "test", "all", tower)
+    assert sample.pixel_values.numel() == 0  # the pixels are dropped once the tokens are made
+    image = next(image for generated, image in generate_records(12, 7, "test", ["counting"])
+                 if generated["messages"] == record["messages"])
+    batch = processor.batch([processor.encode(record["messages"], [image], inference=False)])
+    with torch.no_grad():
+        embeds = tower.model.embed_inputs(batch.input_ids, batch.images, batch.images_seq_mask,
+                                          batch.images_spatial_crop)[0]
+    expected = embeds[batch.images_seq_mask[0]]
+    tokens = tower.embed(record, centres, 0)
+    assert tokens.shape == expected.shape == (len(centres), tower.model.cfg.language.hidden_size)
+    torch.testing.assert_close(tokens, expected)
+    assert not tokens.requires_grad
+
+
+def test_whitening_gives_the_tower_features_zero_mean_and_equal_variance_in_every_direction():
+    bench = load_bench()
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 6, generator=generator) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 0.01])
+    examples = [({"image_tokens": torch.randn(50, 6, generator=generator) @ mixing + 3.0}, None, None)
+                for _ in range(8)]
+    tower = bench.TowerFeatures.__new__(bench.TowerFeatures)  # no checkpoint: only the whitening is tested
+    tower.whiten(examples, rms=0.05)
+    tower.apply_whitening(examples)
+    tokens = torch.cat([record["image_tokens"] for record, _, _ in examples]).double()
+    assert tokens.mean(0).abs().max() < 1e-6
+    torch.testing.assert_close(torch.cov(tokens.T), 0.05**2 * torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=1e-4)
+
+
+def test_the_benchmark_runs_on_tower_features_and_leaves_the_tower_alone(tmp_path):
+    out = tmp_path / "tower.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--features", "tower", "--whiten", "0.05", "--questions", "colour",
+         "--token-relevance", "1", "--steps", "5", "--eval-every", "5", "--n-train", "60", "--n-test", "30",
+         "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["features"] == "tower" and report["whiten"] == 0.05
+    assert 0.0 <= report["accuracy"]["colour"] <= 1.0 and "relevance" in report["accuracy"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--whiten", "1"], "--whiten applies to --features tower"),
+                                                (["--features", "tower", "--colour-noise", "0.1"],
+                                                 "--colour-noise and --kind-noise apply to --features object")])
+def test_settings_of_other_features_are_refused(flags, message):
+    result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr

@@ -310,8 +310,8 @@ class TokenHeads(nn.Module):
     def loss(self, tokens: torch.Tensor, labels: PatchLabels, scene: SceneLabels, text: TextLabels
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Summed cross-entropies over tokens [tiles, T, hidden], patch and text labels already grouped
-        by token and per-tile scene labels; the box-bin accuracy on object patches, the count accuracy
-        and the accuracy of `piece` on text patches."""
+        by token and per-tile scene labels; the box-bin, colour and kind accuracies on object patches,
+        the count accuracy and the accuracy of `piece` on text patches."""
         colour = self.colour(tokens).unflatten(-1, (self.patches, -1))
         shape = self.shape(tokens).unflatten(-1, (self.patches, -1))
         box = self.box(tokens).unflatten(-1, (self.patches, 4, BOX_BINS))
@@ -329,7 +329,10 @@ class TokenHeads(nn.Module):
         hits = (box.argmax(-1) == labels.box)[on_object]
         counted = count_labels != IGNORE
         count_hits = (counts.argmax(-1) == count_labels)[counted]
-        metrics = {"box_bin_accuracy": _mean(hits), "count_accuracy": _mean(count_hits)}
+        on_shape = labels.colour != 0
+        metrics = {"box_bin_accuracy": _mean(hits), "count_accuracy": _mean(count_hits),
+                   "colour_accuracy": _mean((colour.argmax(-1) == labels.colour)[on_shape]),
+                   "kind_accuracy": _mean((shape.argmax(-1) == labels.shape)[on_shape])}
         if self.text is None:
             return sum(losses), metrics
         reading_loss, metrics["text_accuracy"] = self._reading_loss(tokens, text)
@@ -533,9 +536,10 @@ class VisionStage:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     reading = f" text {record['text_accuracy']:.3f}" if "text_accuracy" in record else ""
-                    logger.info("step %d/%d loss %.4f box bins %.3f counts %.3f%s", self.step,
-                                self.recipe.training.steps, record["loss"], record["box_bin_accuracy"],
-                                record["count_accuracy"], reading)
+                    logger.info("step %d/%d loss %.4f box bins %.3f colour %.3f kind %.3f counts %.3f%s",
+                                self.step, self.recipe.training.steps, record["loss"], record["box_bin_accuracy"],
+                                record["colour_accuracy"], record["kind_accuracy"], record["count_accuracy"],
+                                reading)
                 if self.step % self.recipe.output.save_every == 0 or self.step == end:
                     self.save_checkpoint()
         return history

@@ -16,9 +16,10 @@ verdicts right for 0.99 of the tokens after 1,000), 0.67, 0.70, 0.66 and 0.65 wi
 answer 0.41). On the default model's frozen tower it did not help: the tokens' verdicts stayed near the
 share of tokens outside the box (0.89) through 1,500 grounding steps, and held-out grounding with and
 without it was the same (0.28, 0.27). It did not with colour-only expressions either, though the tokens
-tell colour (a linear probe names it under 0.86 of the tokens on a shape, the kind under 0.57): exact
-features frozen at random values, even at the tower's 50x larger scale, still taught it (0.93 and 0.86
-after 1,500 and 2,000 steps), so what differs is how cleanly a token says what it shows.
+tell colour (a linear probe names it under 0.86 of the tokens on a shape, the kind under 0.57). The
+benchmark with the tower's own tokens (`--features tower`) stalls the same way (0.41, the most common
+answer, after 2,000 steps), while exact features garbled to the tower's probe accuracy reach 0.93: the
+tower's tokens, not this loss, are where the default model's selection stops (README, The default model).
 
 The logit needs no parameters (a module name outside the checkpoint would break strict loading and
 resumption): it is the first coordinate of the RMS-normalised hidden state (at most the square root of
