@@ -21,7 +21,8 @@ Local-view, newline and separator tokens are one learned vector: they carry noth
 `--freeze-features` keeps the features at their random starting values (only the language model learns);
 `--feature-scale X` multiplies them (the default model's image tokens are ~50x the text embeddings' RMS);
 `--colour-noise P` / `--kind-noise P` make an object token name a wrong colour / kind with probability P,
-drawn afresh at every forward (the tower's tokens are not exact: a linear probe reads 0.86 / 0.57 of them).
+drawn afresh at every forward (the tower's tokens are not exact: a linear probe reads 0.86 / 0.57 of them);
+`--tower-mix X` adds the tower's tokens (as `--features tower` makes them) at X times the features' RMS.
 
 `--token-relevance LAYER` adds the loss of `dsvl2.train.token_relevance` at that decoder layer's output:
 each global-view token that shows the image learns whether it lies on a shape the question counts (of
@@ -31,7 +32,7 @@ as `relevance` (beside `relevance_majority`, the share of tokens that are not re
     python benchmarks/bench_reader.py [--features scene|object|tower] [--tower DIR]
         [--questions all|total|colour|kind]
         [--token-relevance LAYER] [--relevance-weight 1.0] [--freeze-features] [--feature-scale 1.0]
-        [--colour-noise 0] [--kind-noise 0]
+        [--colour-noise 0] [--kind-noise 0] [--tower-mix 0] [--whiten RMS]
         [--steps 1000] [--batch 4] [--lr 3e-4]
         [--n-train 6000] [--n-test 400] [--threads N] [--out F]
 
@@ -80,9 +81,10 @@ class ExactFeatures(nn.Module):
     """Image-token embeddings built from a record's objects instead of its pixels."""
 
     def __init__(self, dim: int, mode: str, scale: float = 1.0, colour_noise: float = 0.0,
-                 kind_noise: float = 0.0, seed: int = 0) -> None:
+                 kind_noise: float = 0.0, seed: int = 0, tower_mix: float = 0.0) -> None:
         super().__init__()
         self.scale = scale
+        self.tower_mix = tower_mix  # add a record's tower tokens at this multiple of the features' RMS
         # The tower's tokens name a shape's colour and kind only so often (a linear probe: 0.86 and 0.57);
         # noise draws a wrong one, afresh at every forward, with these probabilities.
         self.colour_noise, self.kind_noise = colour_noise, kind_noise
@@ -135,13 +137,21 @@ class ExactFeatures(nn.Module):
 
     def embed(self, record: dict[str, Any], centres: list[tuple[float, float] | None], global_tokens: int
               ) -> torch.Tensor:
-        return self(record["objects"], centres, global_tokens)
+        features = self(record["objects"], centres, global_tokens)
+        if not self.tower_mix:
+            return features
+        tokens = record["image_tokens"]
+        return features + self.tower_mix * _rms(features).detach() / _rms(tokens) * tokens
 
     def _garble(self, index: int, choices: int, noise: float) -> int:
         """`index`, or with probability `noise` one of the other `choices`."""
         if noise and self.rng.random() < noise:
             return (index + self.rng.randrange(1, choices)) % choices
         return index
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean().sqrt()
 
 
 class TowerFeatures:
@@ -303,6 +313,8 @@ def main() -> None:
     parser.add_argument("--relevance-weight", type=float, default=1.0)
     parser.add_argument("--freeze-features", action="store_true", help="the features keep their random values")
     parser.add_argument("--feature-scale", type=float, default=1.0, help="multiply every feature by this")
+    parser.add_argument("--tower-mix", type=float, default=0.0, metavar="X",
+                        help="add the tower's tokens to the exact features at X times their RMS")
     parser.add_argument("--whiten", type=float, default=None, metavar="RMS",
                         help="whiten the tower features to this RMS (see TowerFeatures.whiten)")
     parser.add_argument("--colour-noise", type=float, default=0.0,
@@ -321,6 +333,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.whiten is not None and args.features != "tower":
         parser.error("--whiten applies to --features tower")
+    if args.tower_mix and args.features == "tower":
+        parser.error("--tower-mix applies to exact features (scene, object)")
     if (args.colour_noise or args.kind_noise) and args.features != "object":
         parser.error("--colour-noise and --kind-noise apply to --features object")
     if args.threads:
@@ -332,12 +346,13 @@ def main() -> None:
     raw = load_json(folder / "config.json")
     model = init_weights(build_model(model_config_from_dict(raw), device="cpu"), seed=args.seed)
     processor = Processor.from_pretrained(folder)
-    tower = TowerFeatures(args.tower or folder) if args.features == "tower" else None
+    tower = TowerFeatures(args.tower or folder) if args.features == "tower" or args.tower_mix else None
     if tower is not None and tower.model.cfg != model.cfg:
         raise SystemExit(f"--tower {args.tower}: its configuration differs from the default model's")
-    features = tower or ExactFeatures(model.cfg.language.hidden_size, args.features, args.feature_scale,
-                                      args.colour_noise, args.kind_noise, args.seed)
-    if tower is None:
+    exact = args.features != "tower"
+    features = ExactFeatures(model.cfg.language.hidden_size, args.features, args.feature_scale, args.colour_noise,
+                             args.kind_noise, args.seed, args.tower_mix) if exact else tower
+    if exact:
         features.requires_grad_(not args.freeze_features)
 
     started = time.perf_counter()
@@ -350,7 +365,7 @@ def main() -> None:
         tower.apply_whitening(test)
 
     params = [p for name, p in model.named_parameters() if name.startswith("language.")]
-    params += [] if args.freeze_features or tower is not None else list(features.parameters())
+    params += list(features.parameters()) if exact and not args.freeze_features else []
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
     relevance = None
@@ -386,6 +401,7 @@ def main() -> None:
         "token_relevance": args.token_relevance, "relevance_weight": args.relevance_weight,
         "freeze_features": args.freeze_features, "feature_scale": args.feature_scale,
         "colour_noise": args.colour_noise, "kind_noise": args.kind_noise, "whiten": args.whiten,
+        "tower_mix": args.tower_mix,
         "tower": str(args.tower) if args.tower else None,
         "batch": args.batch, "lr": args.lr, "train_questions": len(train), "test_questions": len(test),
         "accuracy": {k: v for k, v in final.items() if k not in ("step", "seconds")}, "majority": majority,

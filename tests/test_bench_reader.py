@@ -178,21 +178,40 @@ def test_whitening_gives_the_tower_features_zero_mean_and_equal_variance_in_ever
     torch.testing.assert_close(torch.cov(tokens.T), 0.05**2 * torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=1e-4)
 
 
-def test_the_benchmark_runs_on_tower_features_and_leaves_the_tower_alone(tmp_path):
+@pytest.mark.parametrize("flags", [["--features", "tower", "--whiten", "0.05"],
+                                   ["--features", "object", "--tower-mix", "3"]])
+def test_the_benchmark_runs_on_tower_tokens(tmp_path, flags):
     out = tmp_path / "tower.json"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--features", "tower", "--whiten", "0.05", "--questions", "colour",
+        [sys.executable, str(SCRIPT), *flags, "--questions", "colour",
          "--token-relevance", "1", "--steps", "5", "--eval-every", "5", "--n-train", "60", "--n-test", "30",
          "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["features"] == "tower" and report["whiten"] == 0.05
+    assert report["features"] == flags[1] and (report["whiten"], report["tower_mix"]) in ((0.05, 0.0), (None, 3.0))
     assert 0.0 <= report["accuracy"]["colour"] <= 1.0 and "relevance" in report["accuracy"]
 
 
 @pytest.mark.parametrize(("flags", "message"), [(["--whiten", "1"], "--whiten applies to --features tower"),
                                                 (["--features", "tower", "--colour-noise", "0.1"],
-                                                 "--colour-noise and --kind-noise apply to --features object")])
+                                                 "--colour-noise and --kind-noise apply to --features object"),
+                                                (["--features", "tower", "--tower-mix", "1"],
+                                                 "--tower-mix applies to exact features")])
 def test_settings_of_other_features_are_refused(flags, message):
     result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_tower_mix_adds_the_tower_tokens_at_a_multiple_of_the_features_size():
+    bench = load_bench()
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 499, 499]}]
+    centres = [(100.0, 100.0), (700.0, 700.0), None]
+    plain = bench.ExactFeatures(8, "object")
+    mixed = bench.ExactFeatures(8, "object", tower_mix=3.0)
+    mixed.load_state_dict(plain.state_dict())
+    tokens = torch.randn(3, 8) * 40.0
+    record = {"objects": objects, "image_tokens": tokens}
+    exact = plain.embed(record, centres, 3)
+    added = mixed.embed(record, centres, 3) - exact
+    torch.testing.assert_close(added / added.norm(), tokens / tokens.norm())  # the tower's tokens, rescaled
+    torch.testing.assert_close(added.pow(2).mean().sqrt(), 3.0 * exact.pow(2).mean().sqrt())
