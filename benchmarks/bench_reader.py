@@ -12,11 +12,12 @@ Features of the image tokens (`--features`), the first two each a sum of learned
           the scene labels stage vision teaches every global-view token (dsvl2/train/dense.py).
   object  a global-view token whose centre lies on an object holds that object's colour, its kind,
           the count of its colour and the count of its kind; every global-view token holds the total.
-Local-view, newline and separator tokens are one learned vector: they carry nothing.
   tower   the image tokens a checkpoint's frozen vision tower and projector make of the pixels (`--tower DIR`,
           the default model's by default), every view, newline and separator included: what the language
           model of that checkpoint receives. Same questions, labels and language model as above, so the
           difference from `object` is the tower's.
+With scene and object features, local-view, newline and separator tokens are one learned vector: they carry
+nothing.
 
 `--freeze-features` keeps the features at their random starting values (only the language model learns);
 `--feature-scale X` multiplies them (the default model's image tokens are ~50x the text embeddings' RMS);
