@@ -480,15 +480,19 @@ class Trainer:
         box = self.recipe.training.box_attention
         if box is None:
             return None
+        self._require_layer("box_attention", box.layer)
         cfg = self.model.cfg.language
-        if box.layer >= cfg.num_hidden_layers:
-            raise TrainError(f"training.box_attention.layer is {box.layer} but the language model has "
-                             f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})")
         if max(box.heads) >= cfg.num_attention_heads:
             raise TrainError(f"training.box_attention.heads {list(box.heads)} name a head >= the "
                              f"{cfg.num_attention_heads} attention heads of the language model")
         self._require_global_view_first("box_attention")
         return box
+
+    def _require_layer(self, option: str, layer: int) -> None:
+        layers = self.model.cfg.language.num_hidden_layers
+        if layer >= layers:
+            raise TrainError(f"training.{option}.layer is {layer} but the language model has "
+                             f"{layers} layers (0..{layers - 1})")
 
     def _require_global_view_first(self, option: str) -> None:
         # image_token_centres and the global-view tokens follow the layout with the global view first.
@@ -500,10 +504,7 @@ class Trainer:
         relevance = self.recipe.training.token_relevance
         if relevance is None:
             return None
-        layers = self.model.cfg.language.num_hidden_layers
-        if relevance.layer >= layers:
-            raise TrainError(f"training.token_relevance.layer is {relevance.layer} but the language model has "
-                             f"{layers} layers (0..{layers - 1})")
+        self._require_layer("token_relevance", relevance.layer)
         self._require_global_view_first("token_relevance")
         return relevance
 
