@@ -23,7 +23,9 @@ nothing.
 `--feature-scale X` multiplies them (the default model's image tokens are ~50x the text embeddings' RMS);
 `--colour-noise P` / `--kind-noise P` make an object token name a wrong colour / kind with probability P,
 drawn afresh at every forward (the tower's tokens are not exact: a linear probe reads 0.86 / 0.57 of them);
-`--tower-mix X` adds the tower's tokens (as `--features tower` makes them) at X times the features' RMS.
+`--tower-mix X` adds the tower's tokens (as `--features tower` makes them) at X times the features' RMS;
+`--tower-rms R` multiplies the tower's tokens by one factor that gives them RMS R (the default model's are
+~90x its text embeddings' 0.026, and the language model learns nothing from them at that scale).
 
 `--token-relevance LAYER` adds the loss of `dsvl2.train.token_relevance` at that decoder layer's output:
 each global-view token that shows the image learns whether it lies on a shape the question counts (of
@@ -33,7 +35,7 @@ as `relevance` (beside `relevance_majority`, the share of tokens that are not re
     python benchmarks/bench_reader.py [--features scene|object|tower] [--tower DIR]
         [--questions all|total|colour|kind]
         [--token-relevance LAYER] [--relevance-weight 1.0] [--freeze-features] [--feature-scale 1.0]
-        [--colour-noise 0] [--kind-noise 0] [--tower-mix 0] [--whiten RMS]
+        [--colour-noise 0] [--kind-noise 0] [--tower-mix 0] [--whiten RMS] [--tower-rms RMS]
         [--steps 1000] [--batch 4] [--lr 3e-4]
         [--n-train 6000] [--n-test 400] [--threads N] [--out F]
 
@@ -180,6 +182,15 @@ class TowerFeatures:
         values, vectors = torch.linalg.eigh(torch.cov((tokens - self.mean).T))
         self.matrix = (vectors * values.clamp(min=1e-6).rsqrt()) @ vectors.T * rms
 
+    def rescale(self, rms: float, fit: list, *others: list) -> float:
+        """Multiply the prepared tokens of `fit` and `others` by the one factor that gives `fit`'s tokens RMS
+        `rms` (the text embeddings' is ~0.026; `model.image_token_rms` of a recipe does this to a model)."""
+        factor = rms / _rms(torch.cat([record["image_tokens"] for record, _, _ in fit])).item()
+        for examples in (fit, *others):
+            for record, _, _ in examples:
+                record["image_tokens"] = record["image_tokens"] * factor
+        return factor
+
     def apply_whitening(self, examples: list) -> None:
         for record, _, _ in examples:
             record["image_tokens"] = ((record["image_tokens"].double() - self.mean) @ self.matrix).float()
@@ -318,6 +329,8 @@ def main() -> None:
                         help="add the tower's tokens to the exact features at X times their RMS")
     parser.add_argument("--whiten", type=float, default=None, metavar="RMS",
                         help="whiten the tower features to this RMS (see TowerFeatures.whiten)")
+    parser.add_argument("--tower-rms", type=float, default=None, metavar="RMS",
+                        help="scale the tower features to this RMS (see TowerFeatures.rescale)")
     parser.add_argument("--colour-noise", type=float, default=0.0,
                         help="probability that an object token names a wrong colour (object features)")
     parser.add_argument("--kind-noise", type=float, default=0.0,
@@ -334,6 +347,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.whiten is not None and args.features != "tower":
         parser.error("--whiten applies to --features tower")
+    if args.tower_rms is not None and (args.features != "tower" or args.whiten is not None):
+        parser.error("--tower-rms applies to --features tower without --whiten")
     if args.tower_mix and args.features == "tower":
         parser.error("--tower-mix applies to exact features (scene, object)")
     if (args.colour_noise or args.kind_noise) and args.features != "object":
@@ -364,6 +379,8 @@ def main() -> None:
         tower.whiten(train, args.whiten)
         tower.apply_whitening(train)
         tower.apply_whitening(test)
+    if args.tower_rms is not None:
+        tower.rescale(args.tower_rms, train, test)
 
     params = [p for name, p in model.named_parameters() if name.startswith("language.")]
     params += list(features.parameters()) if exact and not args.freeze_features else []
@@ -402,7 +419,7 @@ def main() -> None:
         "token_relevance": args.token_relevance, "relevance_weight": args.relevance_weight,
         "freeze_features": args.freeze_features, "feature_scale": args.feature_scale,
         "colour_noise": args.colour_noise, "kind_noise": args.kind_noise, "whiten": args.whiten,
-        "tower_mix": args.tower_mix,
+        "tower_rms": args.tower_rms, "tower_mix": args.tower_mix,
         "tower": str(args.tower) if args.tower else None,
         "batch": args.batch, "lr": args.lr, "train_questions": len(train), "test_questions": len(test),
         "accuracy": {k: v for k, v in final.items() if k not in ("step", "seconds")}, "majority": majority,

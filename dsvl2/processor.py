@@ -85,7 +85,7 @@ class Batch:
             name: value.to(device) if isinstance(value, torch.Tensor) else value
             for name, value in self.__dict__.items()
         }
-        return Batch(**moved)
+        return type(self)(**moved)
 
 
 @dataclass(frozen=True)

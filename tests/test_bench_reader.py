@@ -178,7 +178,21 @@ def test_whitening_gives_the_tower_features_zero_mean_and_equal_variance_in_ever
     torch.testing.assert_close(torch.cov(tokens.T), 0.05**2 * torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=1e-4)
 
 
+def test_rescaling_gives_the_fitted_tower_features_the_rms_and_the_others_the_same_factor():
+    bench = load_bench()
+    generator = torch.Generator().manual_seed(0)
+    fit = [({"image_tokens": torch.randn(50, 6, generator=generator) * 2.0 + 1.0}, None, None) for _ in range(4)]
+    other = [({"image_tokens": torch.randn(50, 6, generator=generator) * 7.0}, None, None)]
+    original = other[0][0]["image_tokens"].clone()
+    tower = bench.TowerFeatures.__new__(bench.TowerFeatures)  # no checkpoint: only the scaling is tested
+    factor = tower.rescale(0.05, fit, other)
+    tokens = torch.cat([record["image_tokens"] for record, _, _ in fit])
+    assert tokens.pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=1e-5)
+    torch.testing.assert_close(other[0][0]["image_tokens"], original * factor)
+
+
 @pytest.mark.parametrize("flags", [["--features", "tower", "--whiten", "0.05"],
+                                   ["--features", "tower", "--tower-rms", "0.05"],
                                    ["--features", "object", "--tower-mix", "3"]])
 def test_the_benchmark_runs_on_tower_tokens(tmp_path, flags):
     out = tmp_path / "tower.json"
@@ -188,7 +202,9 @@ def test_the_benchmark_runs_on_tower_tokens(tmp_path, flags):
          "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["features"] == flags[1] and (report["whiten"], report["tower_mix"]) in ((0.05, 0.0), (None, 3.0))
+    expected = {"--whiten": (0.05, None, 0.0), "--tower-rms": (None, 0.05, 0.0), "--tower-mix": (None, None, 3.0)}
+    assert report["features"] == flags[1]
+    assert (report["whiten"], report["tower_rms"], report["tower_mix"]) == expected[flags[2]]
     assert 0.0 <= report["accuracy"]["colour"] <= 1.0 and "relevance" in report["accuracy"]
 
 
@@ -196,7 +212,9 @@ def test_the_benchmark_runs_on_tower_tokens(tmp_path, flags):
                                                 (["--features", "tower", "--colour-noise", "0.1"],
                                                  "--colour-noise and --kind-noise apply to --features object"),
                                                 (["--features", "tower", "--tower-mix", "1"],
-                                                 "--tower-mix applies to exact features")])
+                                                 "--tower-mix applies to exact features"),
+                                                (["--features", "tower", "--whiten", "1", "--tower-rms", "1"],
+                                                 "--tower-rms applies to --features tower without --whiten")])
 def test_settings_of_other_features_are_refused(flags, message):
     result = subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr

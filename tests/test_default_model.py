@@ -141,6 +141,8 @@ def test_recipe_multi_turn_answers_follow_the_metadata(tmp_path):
         assert all("<image>" not in m["content"] for m in messages[1:])
         pairs = list(zip(messages[2::2], messages[3::2], strict=True))
         extra_turns += len(pairs)
+        # regions name what the first question counts: kept on a single turn, dropped with more
+        assert ("regions" in expanded) == ("regions" in record and not pairs)
         for question, answer in pairs:
             _check_answer(record, question["content"], answer["content"])
             # a later question cannot be seen by the image tokens: no choosing among shapes there
@@ -202,8 +204,8 @@ def test_recipe_grounding_file_is_single_turn_with_every_shape_asked(tmp_path):
 
 
 def test_recipe_stages_chain_from_vision_to_sft():
-    """Each stage of the committed recipe starts from the last checkpoint the stage before writes, and the
-    language-model stages keep the tower and projector that stage vision trained."""
+    """Each stage of the committed recipe starts from the last checkpoint the stage before writes, the
+    language-model stages keep the tower and projector that stage vision trained, scaled once."""
     from dsvl2.train.recipe import load_recipe
 
     names = ("vision", "align", "warmup", "pretrain", "sft")
@@ -217,6 +219,8 @@ def test_recipe_stages_chain_from_vision_to_sft():
         assert Path(after.model.checkpoint).resolve() == expected.resolve(), after.stage
     for stage in stages[2:]:
         assert set(stage.training.freeze) == {"vision", "projector"}
+    # the image tokens are brought to the text's scale once, where the language model starts to learn
+    assert [s.model.image_token_rms for s in stages] == [None, None, 0.5, None, None]
 
 
 def test_selection_breakdown_tells_reading_from_choosing():

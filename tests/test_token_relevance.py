@@ -1,4 +1,5 @@
-"""Token relevance: labels from box answers, the parameter-free logit, the loss, the trainer."""
+"""Token relevance: labels from box answers and from records' regions, the parameter-free logit, the loss,
+the trainer."""
 
 from __future__ import annotations
 
@@ -11,8 +12,16 @@ from PIL import Image, ImageDraw
 
 from dsvl2.processor import Processor
 from dsvl2.train.box_attention import BoxTarget, box_targets, image_token_centres
-from dsvl2.train.recipe import RecipeError
-from dsvl2.train.token_relevance import relevance_labels, relevance_logits, token_relevance_loss
+from dsvl2.train.data import TrainSample, collate
+from dsvl2.train.recipe import RecipeError, recipe_from_dict
+from dsvl2.train.synthetic import generate_dataset
+from dsvl2.train.token_relevance import (
+    batch_relevance_labels,
+    region_labels,
+    relevance_labels,
+    relevance_logits,
+    token_relevance_loss,
+)
 from dsvl2.train.trainer import Trainer, TrainError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,6 +60,46 @@ def test_labels_mark_the_box_tokens_of_rows_with_one_box() -> None:
     assert labels.tolist() == [0.0, 1.0, 0.0, 1.0]
 
 
+def _region_batch(conf_dir: Path, regions: list[list | None]):
+    """Right-padded training batch of one 600x400 picture per row (red left half, box answer on it), each row
+    naming `regions[row]`, and its processor."""
+    processor = Processor.from_pretrained(conf_dir / "small_like")
+    image = Image.new("RGB", (600, 400), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle((0, 0, 300, 400), fill=(230, 20, 20))
+    messages = [{"role": "user", "content": "<image>\n<|ref|>the red box<|/ref|>."},
+                {"role": "assistant", "content": "<|ref|>the red box<|/ref|><|det|>[[0, 0, 499, 999]]<|/det|>"}]
+    sample = processor.encode(messages, [image], inference=False)
+    samples = [TrainSample(**vars(sample), regions=r) for r in regions]
+    return collate(processor, samples), processor
+
+
+def test_region_labels_mark_the_global_view_tokens_inside_the_records_regions(conf_dir: Path) -> None:
+    batch, processor = _region_batch(conf_dir, [[[500, 0, 999, 499]], None, []])
+    assert batch.to("cpu").regions == batch.regions  # the training batch keeps its fields when moved
+    side = processor.tokens_per_side
+    labelled = region_labels(batch, processor.tile_size, side)
+    assert [row for row, _, _ in labelled] == [0, 2]  # row 1 names no regions
+    centres = image_token_centres(600, 400, *processor.tile_grid(600, 400), processor.tile_size, side)
+    global_view = batch.images_seq_mask[0].nonzero().flatten().tolist()[: side * (side + 1)]
+    shown = [(p, c) for p, c in zip(global_view, centres, strict=False) if c is not None]
+    _, positions, labels = labelled[0]
+    assert positions == [p for p, _ in shown]
+    assert labels.tolist() == [float(x >= 500 and y <= 499) for _, (x, y) in shown]
+    assert 0 < labels.sum() < len(labels)
+    assert labelled[1][2].sum() == 0  # regions [] : about nothing in the picture, every token says no
+
+
+def test_a_rows_regions_win_over_its_answer_box(conf_dir: Path) -> None:
+    batch, processor = _region_batch(conf_dir, [[[500, 0, 999, 499]], None])
+    targets = box_targets(batch, processor.tokenizer, processor.tile_size, processor.tokens_per_side)
+    labelled = batch_relevance_labels(batch, targets, processor.tile_size, processor.tokens_per_side)
+    assert [row for row, _, _ in labelled] == [0, 1]
+    from_regions = region_labels(batch, processor.tile_size, processor.tokens_per_side)[0]
+    from_box = relevance_labels(targets)[1]
+    assert torch.equal(labelled[0][2], from_regions[2]) and torch.equal(labelled[1][2], from_box[2])
+    assert not torch.equal(from_regions[2], relevance_labels(targets)[0][2])
+
+
 def test_logit_is_the_first_coordinate_of_the_rms_normalised_state() -> None:
     hidden = torch.tensor([[3.0, 4.0, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 5.0, 5.0, 5.0]])
     rms = hidden.pow(2).mean(-1).sqrt()
@@ -65,12 +114,12 @@ def test_loss_and_accuracy_follow_the_first_coordinate() -> None:
     hidden[:, :, 1] = 1.0
     hidden[1, [2, 3], 0] = 3.0  # relevant: positive logit
     hidden[1, [1, 4], 0] = -3.0
-    loss, accuracy = token_relevance_loss(hidden, [target])
+    loss, accuracy = token_relevance_loss(hidden, relevance_labels([target]))
     assert accuracy == 1.0
     logit = 3.0 / math.sqrt(10 / 4)
     assert float(loss) == pytest.approx(math.log1p(math.exp(-logit)), rel=1e-5)
     hidden[1, [2, 3], 0] = -3.0  # now every relevant token says no
-    loss_wrong, accuracy_wrong = token_relevance_loss(hidden, [target])
+    loss_wrong, accuracy_wrong = token_relevance_loss(hidden, relevance_labels([target]))
     assert accuracy_wrong == 0.5 and float(loss_wrong) > float(loss)
     assert token_relevance_loss(hidden, []) is None
 
@@ -85,6 +134,16 @@ def test_training_teaches_the_tokens_their_relevance(grounding_recipe, tmp_path:
     assert "token_relevance_loss" not in plain[0]
     assert plain[0]["loss"] == pytest.approx(history[0]["loss"], rel=1e-6)  # same batches, same first forward
     assert plain[-1]["loss"] != pytest.approx(history[-1]["loss"], rel=1e-4)  # the loss changed the training
+
+
+def test_counting_records_teach_relevance_from_their_regions(conf_dir: Path, tmp_path: Path) -> None:
+    generate_dataset(tmp_path / "counting", 8, seed=5, tasks=["counting"])
+    raw = {"stage": "sft", "model": {"checkpoint": str(conf_dir / "small_like")},
+           "data": {"sources": [{"name": "c", "paths": [str(tmp_path / "counting")]}], "shuffle_buffer": 1},
+           "optimizer": {"lr": 3e-3}, "training": {"steps": 2, "micro_batch_size": 2, "token_relevance": {"layer": 0}},
+           "output": {"dir": str(tmp_path / "out"), "save_every": 100, "progress": False}}
+    history = Trainer(recipe_from_dict(raw, tmp_path)).train()
+    assert all(r["token_relevance_loss"] > 0 for r in history)  # no box in the answers: the regions label
 
 
 def test_token_relevance_settings_are_checked(grounding_recipe, tail_view_model: Path, tmp_path: Path) -> None:

@@ -20,8 +20,10 @@ from dsvl2.train.data import (
     MixtureStream,
     RecordEncoder,
     ShardStream,
+    SkipRecord,
     TrainDataset,
     TrainLoader,
+    collate,
     find_shards,
 )
 from dsvl2.train.synthetic import TASKS, generate_dataset
@@ -130,6 +132,29 @@ def test_every_record_kind_loads(processor: Processor, tmp_path: Path, conf_dir:
         assert (sample.labels != IGNORE).sum() > 1  # something to learn
         assert not (sample.labels[sample.images_seq_mask] != IGNORE).any()  # image tokens never in the loss
     assert sample.images_spatial_crop.tolist() == [[1, 1]] * 3  # > 2 images: global views only, as official
+
+
+@pytest.mark.parametrize(("regions", "images", "error"), [
+    ([[10, 20, 30, 40]], 1, None), ([], 1, None),
+    ([[10, 20, 5, 40]], 1, "'regions' must be a list of"), ([[0, 0, 1000, 10]], 1, "'regions' must be a list of"),
+    ([[1, 2, 3]], 1, "'regions' must be a list of"), ("all", 1, "'regions' must be a list of"),
+    ([[1, 2, 3, 4]], 2, "'regions' needs a conversation with one image, this one has 2"),
+])
+def test_regions_are_checked_and_carried_into_the_batch(processor: Processor, conf_dir: Path, regions, images,
+                                                        error) -> None:
+    tags = "<image>\n" * images
+    record = {"messages": [{"role": "user", "content": f"{tags}How many?"}, {"role": "assistant", "content": "1"}],
+              "images": [str(conf_dir / "images" / "square.png")] * images, "regions": regions}
+    encoder = RecordEncoder(processor)
+    if error is not None:
+        with pytest.raises(SkipRecord, match=error) as caught:
+            encoder(json.dumps(record).encode(), Path("x.jsonl"))
+        assert caught.value.reason == "invalid_record"
+        return
+    sample = encoder(json.dumps(record).encode(), Path("x.jsonl"))
+    text = encoder(json.dumps({"text": "no picture"}).encode(), Path("x.jsonl"))
+    batch = collate(processor, [sample, text])
+    assert batch.regions == [[tuple(box) for box in regions], None]
 
 
 def test_collated_batch_is_padded_on_the_right(processor: Processor, text_dir: Path) -> None:

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsvl2.grounding import parse_grounding
+from dsvl2.grounding import GRID_MAX, parse_grounding
 from dsvl2.processor import Batch
 from dsvl2.tokenizer import Tokenizer
 from dsvl2.vision.tiling import pad_geometry, tile_counts
 
-GRID = 999  # boxes are written on a 0..999 grid of the image
+GRID = GRID_MAX  # boxes are written on a 0..999 grid of the image
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,22 @@ def image_token_centres(width: int, height: int, best_width: int, best_height: i
     return centres
 
 
+def row_image_tokens(batch: Batch, row: int, tile_size: int, tokens_per_side: int
+                     ) -> tuple[list[int], list[tuple[float, float] | None]] | None:
+    """Sequence positions of a one-image row's image tokens and their `image_token_centres`, in the same
+    order; None for a row without exactly one image."""
+    sizes = batch.image_sizes[row] if row < len(batch.image_sizes) else []
+    if len(sizes) != 1:
+        return None
+    positions = batch.images_seq_mask[row].nonzero().flatten().tolist()
+    columns, rows = (int(v) for v in batch.images_spatial_crop[row, 0])
+    centres = image_token_centres(*sizes[0], columns * tile_size, rows * tile_size, tile_size, tokens_per_side)
+    if len(centres) != len(positions):
+        raise ValueError(f"row {row}: {len(positions)} image tokens in the sequence but the layout of a "
+                         f"{columns}x{rows} grid has {len(centres)}")
+    return positions, centres
+
+
 def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_side: int) -> list[BoxTarget]:
     """A `BoxTarget` for every one-box `<|det|>` span of the answers of the batch's one-image rows."""
     det, end = tokenizer.token_to_id("<|det|>"), tokenizer.token_to_id("<|/det|>")
@@ -76,15 +92,10 @@ def box_targets(batch: Batch, tokenizer: Tokenizer, tile_size: int, tokens_per_s
     global_tokens = tokens_per_side * (tokens_per_side + 1)  # the global view's rows, newlines included
     targets = []
     for row in range(batch.input_ids.shape[0]):
-        sizes = batch.image_sizes[row] if row < len(batch.image_sizes) else []
-        if len(sizes) != 1:
+        layout = row_image_tokens(batch, row, tile_size, tokens_per_side)
+        if layout is None:
             continue
-        image_positions = batch.images_seq_mask[row].nonzero().flatten().tolist()
-        columns, rows = (int(v) for v in batch.images_spatial_crop[row, 0])
-        centres = image_token_centres(*sizes[0], columns * tile_size, rows * tile_size, tile_size, tokens_per_side)
-        if len(centres) != len(image_positions):
-            raise ValueError(f"row {row}: {len(image_positions)} image tokens in the sequence but the layout of a "
-                             f"{columns}x{rows} grid has {len(centres)}")
+        image_positions, centres = layout
         in_image = tuple(image_positions[i] for i, centre in enumerate(centres[:global_tokens]) if centre is not None)
         ids, labels = batch.input_ids[row].tolist(), batch.labels[row].tolist()
         for start, token in enumerate(ids):

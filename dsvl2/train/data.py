@@ -9,7 +9,10 @@ A shard is a JSON Lines file with one record per line, either a conversation
 or plain text `{"text": "..."}`, trained on as begin-of-sentence + tokens + end-of-sentence
 with every token in the loss (cut to `max_length`). Captions, OCR, VQA, grounding, grounded
 conversations and interleaved image-text (several `<image>` tags and images) are all
-conversations. Other keys of a record are ignored. A bad record (invalid JSON, missing image
+conversations. A one-image conversation may name the boxes its question is about, `"regions":
+[[x1, y1, x2, y2], ...]` on the 0..999 grid (`[]`: about nothing in the image, as "how many red
+shapes?" of a picture without one); `training.token_relevance` learns from them. Other keys of a
+record are ignored. A bad record (invalid JSON, missing image
 file, wrong `<image>` count, undecodable image, too long, ...) is skipped, counted by reason
 and logged with its shard and line; it never stops a run.
 
@@ -34,7 +37,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +52,22 @@ from dsvl2.errors import (
     InputError,
     PromptTooLongError,
 )
+from dsvl2.grounding import GRID_MAX
 from dsvl2.processor import Batch, Processor, Sample
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSample(Sample):
+    """A `Sample` with what only training reads of its record."""
+
+    regions: list[tuple[int, int, int, int]] | None = None  # the record's `regions`; None if it names none
+
+
+@dataclass
+class TrainBatch(Batch):
+    regions: list[list[tuple[int, int, int, int]] | None] = field(default_factory=list)  # per row
 
 SKIP_REASONS = (
     "bad_json", "invalid_record", "missing_image", "image_count", "image_decode", "image_too_large", "too_long",
@@ -286,8 +302,9 @@ class RecordEncoder:
         for path in paths:
             if not path.is_file():
                 raise SkipRecord("missing_image", f"image file {path} does not exist")
+        regions = record_regions(record, len(paths))
         try:
-            return self.processor.encode(record["messages"], paths, inference=False, max_length=self.max_length)
+            sample = self.processor.encode(record["messages"], paths, inference=False, max_length=self.max_length)
         except ImageCountError as exc:
             raise SkipRecord("image_count", str(exc)) from None
         except ImageDecodeError as exc:
@@ -298,11 +315,33 @@ class RecordEncoder:
             raise SkipRecord("too_long", str(exc)) from None
         except InputError as exc:
             raise SkipRecord("invalid_record", str(exc)) from None
+        return TrainSample(**vars(sample), regions=regions)
 
 
-def collate(processor: Processor, samples: Sequence[Sample]) -> Batch:
+def collate(processor: Processor, samples: Sequence[Sample]) -> TrainBatch:
     """Training batch: samples padded on the right (labels ignore_id there) by `processor.batch`."""
-    return processor.batch(samples, padding="right")
+    batch = processor.batch(samples, padding="right")
+    return TrainBatch(**vars(batch), regions=[getattr(sample, "regions", None) for sample in samples])
+
+
+def record_regions(record: dict, image_count: int) -> list[tuple[int, int, int, int]] | None:
+    """The record's `regions`, checked; None when it has none."""
+    regions = record.get("regions")
+    if regions is None:
+        return None
+    if image_count != 1:
+        raise SkipRecord("invalid_record", f"'regions' needs a conversation with one image, this one has {image_count}")
+    if not isinstance(regions, list) or not all(_is_box(box) for box in regions):
+        raise SkipRecord("invalid_record", "'regions' must be a list of [x1, y1, x2, y2] boxes with "
+                         f"0 <= x1 <= x2 <= {GRID_MAX} and 0 <= y1 <= y2 <= {GRID_MAX}")
+    return [tuple(box) for box in regions]
+
+
+def _is_box(box: Any) -> bool:
+    if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int) for v in box):
+        return False
+    x1, y1, x2, y2 = box
+    return 0 <= x1 <= x2 <= GRID_MAX and 0 <= y1 <= y2 <= GRID_MAX
 
 
 # --------------------------------------------------------------------------------------------------

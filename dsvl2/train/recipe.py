@@ -10,6 +10,7 @@ to a default), and every error names the offending key.
       checkpoint: ../ckpt/tiny    # start from these weights, or
       # config: model.json        # a config.json path or an inline dict: fresh weights
       processor: null             # tokenizer + processor_config.json folder (default: checkpoint)
+      image_token_rms: null       # scale the image tokens to this RMS at the start (dsvl2.train.token_scale)
     data:
       sources:
         - {name: vl, paths: [data/vl/*.jsonl], weight: 0.7}
@@ -50,6 +51,7 @@ class ModelSection:
     config: Path | dict | None = None  # a config.json (path or dict) for fresh weights
     processor: Path | None = None  # tokenizer + processor_config.json; default: checkpoint
     init_std: float = 0.02  # std of the fresh weights (config only)
+    image_token_rms: float | None = None  # scale the image tokens to this RMS at the start (token_scale.py)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class BoxAttentionSection:
 
 @dataclass(frozen=True)
 class TokenRelevanceSection:
-    """`dsvl2.train.token_relevance`: decoder layer `layer`'s image tokens learn whether the box answer is theirs."""
+    """`dsvl2.train.token_relevance`: decoder layer `layer`'s image tokens learn whether the question is about them."""
 
     layer: int
     weight: float = 1.0  # relative to the mean next-token loss
@@ -248,6 +250,8 @@ def _check(recipe: TrainRecipe) -> None:
         raise RecipeError("model: give exactly one of checkpoint (existing weights) or config (fresh weights)")
     if model.checkpoint is None and model.processor is None:
         raise RecipeError("model.processor is required with model.config (where the tokenizer files are)")
+    if model.image_token_rms is not None and model.image_token_rms <= 0:
+        raise RecipeError(f"model.image_token_rms must be > 0, got {model.image_token_rms}")
     if not recipe.data.sources:
         raise RecipeError("data.sources must list at least one source")
     names = [s.name for s in recipe.data.sources]

@@ -14,7 +14,8 @@ and carries `answers` (for the eval metrics in dsvl2.eval.metrics, whose registr
 names), `image_size` [width, height], and task metadata (`objects`, `box`, `boxes`, `query`, `bars`,
 `lines`) from which every answer can be re-derived. OCR and chart records also place every drawn
 character (`chars`: [character, x1, y1, x2, y2, string index] in pixels, see `char_boxes`), and each bar
-gives its slot `column_px` [x1, x2), for labels that need positions.
+gives its slot `column_px` [x1, x2), for labels that need positions. Counting records name the boxes of the
+shapes they count in `regions` (the training data format's field for what a question is about).
 
 Boxes are [x1, y1, x2, y2] on the 0..999 grid, x = round(px / width * 999), where (x1, y1) is the top-left
 pixel of the shape and (x2, y2) the pixel just past its bottom-right corner; `box_px` gives the same box in
@@ -383,9 +384,10 @@ def _make_counting(rng: np.random.Generator, split: str) -> tuple[dict, Image.Im
         pool = [s.kind for s in shapes] if rng.random() < 0.85 else list(SHAPE_KINDS)
         query = {"shape": pool[int(rng.integers(len(pool)))]}
         question = f"How many {_plural(query['shape'])} are there?"
-    count = sum(_matches(shape, query) for shape in shapes)
-    return _visual_record("counting", question, str(count), image, query=query,
-                          objects=_objects_metadata(shapes, *image.size))
+    objects = _objects_metadata(shapes, *image.size)
+    regions = [o["box"] for shape, o in zip(shapes, objects, strict=True) if _matches(shape, query)]
+    return _visual_record("counting", question, str(len(regions)), image, query=query, objects=objects,
+                          regions=regions)
 
 
 def _matches(shape: Shape, query: dict[str, str]) -> bool:

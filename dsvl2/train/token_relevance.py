@@ -3,9 +3,11 @@
 Choosing the shape a question names, counting the shapes of a named colour and reading the bar a label
 names all need one step the small default model learns too slowly from its answers alone: find the image
 tokens the words name. With the question before the image, every image token can attend to the words
-and check itself against them; this loss asks it to, at the output of one decoder layer: for an answer
-with one box, each global-view image token whose centre lies in the image is labelled 1 inside the box
-and 0 outside, and the token's relevance logit is scored by binary cross-entropy. A later layer can
+and check itself against them; this loss asks it to, at the output of one decoder layer: each
+global-view image token whose centre lies in the image is labelled 1 inside the boxes the question is
+about and 0 outside, and the token's relevance logit is scored by binary cross-entropy. The boxes are
+the record's `regions` where it names them (a counting record names the shapes it counts, none for a
+count of zero), else the box of a one-box answer. A later layer can
 then find the named object by a question-independent key (the relevance) instead of matching words to
 image features in the answer's own attention.
 
@@ -18,8 +20,9 @@ share of tokens outside the box (0.89) through 1,500 grounding steps, and held-o
 without it was the same (0.28, 0.27). It did not with colour-only expressions either, though the tokens
 tell colour (a linear probe names it under 0.86 of the tokens on a shape, the kind under 0.57). The
 benchmark with the tower's own tokens (`--features tower`) stalls the same way (0.41, the most common
-answer, after 2,000 steps), while exact features garbled to the tower's probe accuracy reach 0.93: the
-tower's tokens, not this loss, are where the default model's selection stops (README, The default model).
+answer, after 2,000 steps), while exact features garbled to the tower's probe accuracy reach 0.93. What
+stopped it was the tokens' scale, about 90 times the text embeddings': the same tokens multiplied down to
+RMS 0.05 (`--tower-rms 0.05`) reach 0.78 after 3,000 steps, the verdicts 0.94 (`token_scale.py`).
 
 The logit needs no parameters (a module name outside the checkpoint would break strict loading and
 resumption): it is the first coordinate of the RMS-normalised hidden state (at most the square root of
@@ -32,7 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsvl2.train.box_attention import BoxTarget
+from dsvl2.train.box_attention import BoxTarget, row_image_tokens
+from dsvl2.train.data import TrainBatch
 
 
 def relevance_logits(hidden: torch.Tensor) -> torch.Tensor:
@@ -58,10 +62,38 @@ def relevance_labels(targets: list[BoxTarget]) -> list[tuple[int, list[int], tor
     return out
 
 
-def token_relevance_loss(hidden: torch.Tensor, targets: list[BoxTarget]) -> tuple[torch.Tensor, float] | None:
+def region_labels(batch: TrainBatch, tile_size: int, tokens_per_side: int) -> list[tuple[int, list[int], torch.Tensor]]:
+    """(row, global-view token positions, 0/1 labels) for every one-image row whose record names the
+    `regions` its question is about: 1 for a token whose centre lies in one of them."""
+    global_tokens = tokens_per_side * (tokens_per_side + 1)  # the global view's rows, newlines included
+    out = []
+    for row, regions in enumerate(getattr(batch, "regions", [])):
+        layout = None if regions is None else row_image_tokens(batch, row, tile_size, tokens_per_side)
+        if layout is None:
+            continue
+        positions, centres = layout
+        shown = [(positions[i], centre) for i, centre in enumerate(centres[:global_tokens]) if centre is not None]
+        labels = torch.tensor([float(any(x1 <= x <= x2 and y1 <= y <= y2 for x1, y1, x2, y2 in regions))
+                               for _, (x, y) in shown])
+        out.append((row, [position for position, _ in shown], labels))
+    return out
+
+
+def batch_relevance_labels(batch: TrainBatch, targets: list[BoxTarget], tile_size: int, tokens_per_side: int
+                           ) -> list[tuple[int, list[int], torch.Tensor]]:
+    """The labels of every row that has them: from the record's `regions` where it names them, else from
+    its answer's one box."""
+    from_regions = region_labels(batch, tile_size, tokens_per_side)
+    named = {row for row, _, _ in from_regions}
+    return sorted(from_regions + [item for item in relevance_labels(targets) if item[0] not in named],
+                  key=lambda item: item[0])
+
+
+def token_relevance_loss(hidden: torch.Tensor, labelled: list[tuple[int, list[int], torch.Tensor]]
+                         ) -> tuple[torch.Tensor, float] | None:
     """Mean binary cross-entropy of the relevance logits of `hidden` [B, T, D] (a decoder layer's output)
-    over the labelled tokens, and the fraction of them on the right side of 0; None without labels."""
-    labelled = relevance_labels(targets)
+    over the tokens `labelled` (as `batch_relevance_labels` gives them), and the fraction of them on the
+    right side of 0; None without labels."""
     if not labelled:
         return None
     logits = torch.cat([relevance_logits(hidden[row, positions]) for row, positions, _ in labelled])

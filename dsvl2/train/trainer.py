@@ -55,12 +55,14 @@ from dsvl2.train.stages import (
     trainable_groups,
     update_correction_bias,
 )
-from dsvl2.train.token_relevance import token_relevance_loss
+from dsvl2.train.token_relevance import batch_relevance_labels, token_relevance_loss
+from dsvl2.train.token_scale import scale_image_tokens
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
+SCALE_BATCHES = 4  # micro-batches per rank that measure the image tokens for model.image_token_rms
 LOG_FILE = "log.jsonl"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -313,6 +315,7 @@ class LossModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 images: torch.Tensor, images_seq_mask: torch.Tensor, images_spatial_crop: torch.Tensor,
                 box_targets: list[BoxTarget] | None = None,
+                relevance: list[tuple[int, list[int], torch.Tensor]] | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], torch.Tensor | None,
                            torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         model = self.model
@@ -337,8 +340,8 @@ class LossModule(nn.Module):
                                                 self.box_attention.choice_weight)
             box_mass = torch.tensor(mass)
         relevance_loss = relevance_accuracy = None
-        if self.token_relevance is not None and box_targets:
-            scored = token_relevance_loss(self._layer_output, box_targets)
+        if self.token_relevance is not None and relevance:
+            scored = token_relevance_loss(self._layer_output, relevance)
             if scored is not None:
                 relevance_loss, relevance_accuracy = scored[0], torch.tensor(scored[1])
         self._attention_inputs, self._layer_output = (), None
@@ -431,6 +434,8 @@ class Trainer:
         self.noaux = cfg.is_moe and cfg.topk_method == "noaux_tc"
         self.box_attention = self._check_box_attention()
         self.token_relevance = self._check_token_relevance()
+        if resume_from is None and recipe.model.image_token_rms is not None:
+            self._scale_image_tokens(recipe.model.image_token_rms)
         self.engine = self._wrap()
         # FSDP2 replaces the parameters by sharded ones: the optimiser must hold those.
         self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
@@ -475,6 +480,19 @@ class Trainer:
             shuffle_shards=data.shuffle_shards, max_length=data.max_length,
             max_consecutive_bad=data.max_consecutive_bad,
         )
+
+    def _scale_image_tokens(self, rms: float) -> None:
+        """`model.image_token_rms`: measured on the stage's first micro-batches, drawn from a loader of
+        their own so that training still starts with them."""
+        loader = TrainLoader(self._dataset())
+        batches = [next(loader).to(self.dist.device) for _ in range(SCALE_BATCHES)]
+        del loader  # its worker processes end with it
+        try:
+            factor = scale_image_tokens(self.model.to(self.dist.device), batches, rms, self.dist.all_reduce_sum)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from exc
+        if self.dist.is_main:
+            logger.info("image tokens scaled by %.4g to RMS %g", factor, rms)
 
     def _check_box_attention(self) -> BoxAttentionSection | None:
         box = self.recipe.training.box_attention
@@ -567,6 +585,9 @@ class Trainer:
             if self.box_attention is not None or self.token_relevance is not None:
                 inputs["box_targets"] = box_targets(batch, self.processor.tokenizer, self.processor.tile_size,
                                                     self.processor.tokens_per_side)
+            if self.token_relevance is not None:
+                inputs["relevance"] = batch_relevance_labels(batch, inputs["box_targets"], self.processor.tile_size,
+                                                             self.processor.tokens_per_side)
             with self._sync_gradients(i == len(batches) - 1), self.autocast:
                 ce_sum, aux, indices, box_loss, box_mass, relevance_loss, relevance_accuracy = self.engine(**inputs)
                 loss = ce_sum * scale

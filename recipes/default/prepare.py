@@ -249,7 +249,8 @@ _EXTRA_TURNS = {
 
 
 def multi_turn(record: dict, rng: random.Random, max_extra: int = MAX_EXTRA_TURNS) -> dict:
-    """The record with further question/answer turns about its image (other questions, random order)."""
+    """The record with further question/answer turns about its image (other questions, random order); its
+    `regions` go when turns are added, since they name what the first question counts only."""
     make = _EXTRA_TURNS.get(record.get("task"))
     if make is None or "messages" not in record:
         return record
@@ -259,7 +260,10 @@ def multi_turn(record: dict, rng: random.Random, max_extra: int = MAX_EXTRA_TURN
     messages = list(record["messages"])
     for question, answer in extra[:max_extra]:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return {**record, "messages": messages}
+    out = {**record, "messages": messages}
+    if len(messages) > len(record["messages"]):
+        out.pop("regions", None)
+    return out
 
 
 def write_multi_turn(records: list[dict], out: Path, seed: int) -> list[dict]:
