@@ -41,6 +41,15 @@ def image_crops(images_spatial_crop: torch.Tensor) -> list[list[tuple[int, int]]
     return out
 
 
+def batch_tiles(images: torch.Tensor, images_spatial_crop: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Every image's global + local tiles of a padded batch [B, max_tiles, 3, S, S], in order, and each
+    image's (num_width_tiles, num_height_tiles)."""
+    crops = image_crops(images_spatial_crop)
+    per_sample = [sum(1 + w * h for w, h in c) for c in crops]
+    tiles = torch.cat([images[b, :n] for b, n in enumerate(per_sample)])
+    return tiles, [c for sample in crops for c in sample]
+
+
 class DeepseekVL2(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -77,12 +86,10 @@ class DeepseekVL2(nn.Module):
         embeds = self.language.model.embed_tokens(input_ids)
         if images is None or images_spatial_crop is None or images_seq_mask is None:
             return embeds
-        crops = image_crops(images_spatial_crop)
-        per_sample = [sum(1 + w * h for w, h in c) for c in crops]
-        if sum(per_sample) == 0:
+        tiles, crops = batch_tiles(images, images_spatial_crop)
+        if not crops:
             return embeds
-        tiles = torch.cat([images[b, :n] for b, n in enumerate(per_sample)])
-        features = self.image_embeddings(tiles, [c for sample in crops for c in sample])
+        features = self.image_embeddings(tiles, crops)
         return merge_image_embeddings(embeds, images_seq_mask, torch.cat(features))
 
     def forward(

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from dsvl2.model import DeepseekVL2, image_crops
+from dsvl2.model import DeepseekVL2, batch_tiles
 from dsvl2.processor import Batch
 
 
@@ -42,10 +42,9 @@ def image_token_square_sum(model: DeepseekVL2, batches: Iterable[Batch]) -> tupl
     """(sum of squares, number of values) of the tile tokens the projector makes of the batches' images."""
     total, count = 0.0, 0
     for batch in batches:
-        per_sample = [sum(1 + w * h for w, h in crops) for crops in image_crops(batch.images_spatial_crop)]
-        if sum(per_sample) == 0:
+        tiles, crops = batch_tiles(batch.images, batch.images_spatial_crop)
+        if not crops:
             continue
-        tiles = torch.cat([batch.images[row, :n] for row, n in enumerate(per_sample)])
         tokens = model.encode_tiles(tiles)
         total += float(tokens.double().pow(2).sum())
         count += tokens.numel()
