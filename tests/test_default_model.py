@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsvl2.checkpoint import load_model
 from dsvl2.config import load_model_config, load_processor_config, model_config_from_dict
@@ -114,11 +115,6 @@ def test_grounds_a_lone_shape_in_fresh_images(tmp_path):
     assert len(ious) == 12 and sum(iou >= 0.5 for iou in ious) >= 9, ious
 
 
-@pytest.mark.xfail(
-    strict=True,  # fails loudly once the model passes, so the mark cannot outlive the problem
-    reason="the bundled model does not yet choose the named shape among several (README, The default model); "
-    "known failure until a better recipe lands",
-)
 def test_grounds_the_named_shape_among_several(tmp_path):
     ious = _fresh_grounding_ious(tmp_path, lone=False)
     assert len(ious) == 12 and sum(iou >= 0.5 for iou in ious) >= 9, ious
@@ -221,6 +217,27 @@ def test_recipe_stages_chain_from_vision_to_sft():
         assert set(stage.training.freeze) == {"vision", "projector"}
     # the image tokens are brought to the text's scale once, where the language model starts to learn
     assert [s.model.image_token_rms for s in stages] == [None, None, 0.5, None, None]
+
+
+def test_vision_probe_reads_the_stage_heads_slots_and_bins():
+    probe = _load_recipe_script("vision_probe")
+    from dsvl2.train.dense import BOX_BINS, scene_labels
+
+    bins = torch.zeros(4, BOX_BINS)
+    bins[0, 0] = bins[1, 3] = bins[2, 10] = bins[3, BOX_BINS - 1] = 1.0
+    step = 1000 / BOX_BINS
+    assert probe.box_from_bins(bins) == [0.5 * step, 3.5 * step, 10.5 * step, (BOX_BINS - 0.5) * step]
+    objects = [{"color": "red", "shape": "circle", "box": [0, 0, 100, 100]},
+               {"color": "red", "shape": "square", "box": [200, 0, 300, 100]},
+               {"color": "blue", "shape": "circle", "box": [400, 0, 500, 100]}]
+    counts = scene_labels(objects, 1, 1).counts[0]
+    assert [int(counts[probe.count_slot(q)]) for q in ({"color": "red"}, {"shape": "circle"}, {"shape": "square"},
+                                                       {"color": "green"}, {})] == [2, 2, 1, 0, 3]
+    assert probe.named_box("<|ref|>the red circle<|/ref|><|det|>[[0, 5, 100, 120]]<|/det|>") == [0, 5, 100, 120]
+    report = probe.summarise([(1, 0.7), (1, 0.2), (2, 0.9)], [(2, 1), (2, 2), (0, 0)])
+    assert report["grounding"]["1"] == pytest.approx({"n": 2, "accuracy": 0.5, "iou": 0.45})
+    assert report["grounding"]["all"] == pytest.approx({"n": 3, "accuracy": 2 / 3, "iou": 0.6})
+    assert report["counting"]["2"] == {"n": 2, "accuracy": 0.5, "named": {"1": 1, "2": 1}}
 
 
 def test_selection_breakdown_tells_reading_from_choosing():
