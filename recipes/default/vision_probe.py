@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dsvl2.checkpoint import load_model
-from dsvl2.eval.metrics import box_iou
+from dsvl2.eval.metrics import box_iou, parse_det_boxes
 from dsvl2.images import load_image
 from dsvl2.train.dense import BOX_BINS, COLOURS, IGNORE, MAX_COUNT, TokenHeads, group_by_token, patch_labels
 from dsvl2.train.synthetic import SHAPE_KINDS
@@ -51,8 +51,8 @@ def count_slot(query: dict[str, str]) -> int:
 
 
 def named_box(answer: str) -> list[int]:
-    """The box of a grounding record's answer (`[[x1, y1, x2, y2]]`)."""
-    return [int(v) for v in answer.split("[[", 1)[1].split("]]", 1)[0].split(",")]
+    """The box of a grounding record's answer (its first `<|det|>` box)."""
+    return parse_det_boxes(answer)[0]
 
 
 class Probe:
@@ -91,18 +91,19 @@ class Probe:
         return int(counts[count_slot(record.get("query") or {})].argmax())
 
 
+def _box_scores(ious: Sequence[float]) -> dict[str, float]:
+    return {"n": len(ious), "accuracy": sum(i >= HIT_IOU for i in ious) / len(ious), "iou": sum(ious) / len(ious)}
+
+
 def summarise(boxes: Sequence[tuple[int, float]], counts: Sequence[tuple[int, int]]) -> dict[str, Any]:
     """(shapes in the scene, IoU) of every grounding record and (true, named) of every counting record ->
     the report."""
     by_shapes: dict[int, list[float]] = defaultdict(list)
     for shapes, iou in boxes:
         by_shapes[shapes].append(iou)
-    grounding = {str(n): {"n": len(v), "accuracy": sum(i >= HIT_IOU for i in v) / len(v), "iou": sum(v) / len(v)}
-                 for n, v in sorted(by_shapes.items())}
-    ious = [iou for _, iou in boxes]
-    if ious:
-        grounding["all"] = {"n": len(ious), "accuracy": sum(i >= HIT_IOU for i in ious) / len(ious),
-                            "iou": sum(ious) / len(ious)}
+    grounding = {str(n): _box_scores(v) for n, v in sorted(by_shapes.items())}
+    if boxes:
+        grounding["all"] = _box_scores([iou for _, iou in boxes])
     named: dict[int, Counter] = defaultdict(Counter)
     for truth, said in counts:
         named[truth][said] += 1
