@@ -68,9 +68,10 @@ class Probe:
         with torch.no_grad():
             return self.model.encode_tiles(self.processor.normalize(tiled.tiles[:1])), tiled
 
-    def box(self, record: dict[str, Any], image_path: Path) -> list[float] | None:
-        """The box the head reads from the named shape's tokens; None if no patch centre falls on it."""
-        target = next(o for o in record["objects"] if o["box"] == named_box(record["answers"][0]))
+    def box(self, record: dict[str, Any], truth: list[int], image_path: Path) -> list[float] | None:
+        """The box the head reads from the tokens of the shape whose box is `truth` (the answer's); None if
+        no patch centre falls on it."""
+        target = next(o for o in record["objects"] if o["box"] == truth)
         image = load_image(image_path)
         tokens, tiled = self.global_tokens(image)
         size, cfg = self.processor.tile_size, self.model.cfg
@@ -126,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = json.loads(line)
         image_path = args.data.parent / record["images"][0] if record.get("images") else None
         if record.get("task") == "grounding":
-            box = probe.box(record, image_path)
-            iou = 0.0 if box is None else box_iou(box, named_box(record["answers"][0]))
+            truth = named_box(record["answers"][0])
+            box = probe.box(record, truth, image_path)
+            iou = 0.0 if box is None else box_iou(box, truth)
             boxes.append((len(record["objects"]), iou))
         elif record.get("task") == "counting":
             counts.append((int(record["answers"][0]), probe.count(record, image_path)))
