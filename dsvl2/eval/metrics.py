@@ -19,6 +19,7 @@ from dsvl2.errors import InputError
 from dsvl2.grounding import parse_grounding
 
 Box = Sequence[float]
+HIT_IOU = 0.5  # a box is right when its IoU with the truth is at least this (RefCOCO Acc@0.5)
 
 # --------------------------------------------------------------------------------------------------
 # VQAv2 answer normalisation
@@ -283,7 +284,7 @@ def box_iou(a: Box, b: Box) -> float:
 
 
 def grounding_accuracy(
-    pred_boxes: Sequence[Box | None], gt_boxes: Sequence[Box], threshold: float = 0.5
+    pred_boxes: Sequence[Box | None], gt_boxes: Sequence[Box], threshold: float = HIT_IOU
 ) -> float:
     """Fraction of predictions with IoU >= threshold against their ground truth (RefCOCO Acc@0.5).
 
@@ -372,7 +373,7 @@ def _score_grounding(prediction: str, record: dict) -> dict:
     target = _record_box(record)
     predicted = parse_det_boxes(prediction)
     iou = box_iou(predicted[0], target) if predicted else 0.0
-    accuracy = 1.0 if iou >= 0.5 else 0.0
+    accuracy = 1.0 if iou >= HIT_IOU else 0.0
     return {"score": accuracy, "accuracy": accuracy, "iou": iou, "parsed": bool(predicted)}
 
 

@@ -23,10 +23,9 @@ from typing import Any
 
 from dsvl2.defaults import default_model_dir
 from dsvl2.engine import Engine, Request, SamplingParams
-from dsvl2.eval.metrics import box_iou, parse_det_boxes
+from dsvl2.eval.metrics import HIT_IOU, box_iou, parse_det_boxes
 
 Ask = Callable[[Path, str], str]  # (image, question) -> answer text
-HIT_IOU = 0.5
 
 
 def answer_box(answer: str) -> list[float] | None:
