@@ -15,7 +15,7 @@ multiplied by one factor to RMS 0.05 (`--tower-rms 0.05`), 0.52 / 0.67 / 0.78 af
 it resumes), the projector's last linear layer, `image_newline` and `view_seperator` by one factor:
 every image token is multiplied by it, its direction unchanged. The default recipe scales to RMS 0.5 at
 its warm-up: with token relevance, held-out grounding 0.63 and counting 0.63 against 0.49 and 0.50 unscaled
-(0.37 / 0.54 at RMS 0.05, whose boxes lost precision; README, The default model).
+(0.37 / 0.54 at RMS 0.05, whose boxes lost precision; recipes/default/NOTES.md).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@
   grounded-caption records as generated, plus one single-turn record, question first, for every other
   shape of a scene of several. Pretraining and SFT use no later turns: a later question comes after the
   image, whose tokens then cannot see what it names, and with such turns in the mix the language model
-  learnt to box one shape whatever the words said (README, The default model).
+  learnt to box one shape whatever the words said (recipes/default/NOTES.md).
 """
 
 from __future__ import annotations
