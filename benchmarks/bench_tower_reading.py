@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsvl2.checkpoint import load_model
-from dsvl2.config import load_model_config
+from dsvl2.config import VisionConfig, load_model_config
 from dsvl2.defaults import default_model_dir
 from dsvl2.eval.metrics import character_error_rate
 from dsvl2.processor import Processor
@@ -87,6 +87,16 @@ def text_images(processor: Processor, n: int, seed: int, split: str, patch_size:
                       for i, text in enumerate(record["lines"]))
         items.append(TextImage(tiles.tiles[1:], tiles.num_width_tiles, tiles.num_height_tiles, lines))
     return items
+
+
+def build_tower(cfg: VisionConfig, checkpoint: Path | None) -> VisionTransformer:
+    """The vision tower of a checkpoint (float32), or a fresh one of configuration `cfg`."""
+    if checkpoint is None:
+        return VisionTransformer(cfg)
+    model = load_model(checkpoint, dtype=torch.float32, device="cpu")
+    if model.cfg.vision != cfg:
+        raise SystemExit(f"--tower {checkpoint}: its vision tower differs from the default model's configuration")
+    return model.vision
 
 
 def ctc_decode(classes: list[int]) -> str:
@@ -172,7 +182,7 @@ def main() -> None:
     folder = default_model_dir()
     cfg = load_model_config(folder).vision
     processor = Processor.from_pretrained(folder)
-    tower = load_model(args.tower, device="cpu", dtype=torch.float32).vision if args.tower else VisionTransformer(cfg)
+    tower = build_tower(cfg, args.tower)
     reader = LineReader(tower, cfg.patch_size, processor.tile_size, args.outputs_per_column)
 
     started = time.perf_counter()

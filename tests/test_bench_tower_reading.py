@@ -6,12 +6,16 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
+from dsvl2.checkpoint import load_model
+from dsvl2.config import load_model_config
 from dsvl2.defaults import default_model_dir
 from dsvl2.processor import Processor
 
@@ -24,6 +28,17 @@ def load_bench():
     sys.modules[spec.name] = module  # dataclasses look their module up while they are made
     spec.loader.exec_module(module)
     return module
+
+
+def test_build_tower_loads_a_checkpoints_tower_or_makes_a_fresh_one(tmp_path):
+    bench = load_bench()
+    folder = default_model_dir()
+    cfg = load_model_config(folder).vision
+    shipped = load_model(folder).vision.patch_embed.proj.weight
+    torch.testing.assert_close(bench.build_tower(cfg, folder).patch_embed.proj.weight, shipped)
+    assert not torch.equal(bench.build_tower(cfg, None).patch_embed.proj.weight, shipped)
+    with pytest.raises(SystemExit, match="differs"):
+        bench.build_tower(replace(cfg, width=64), folder)
 
 
 def test_ctc_decode_merges_repeats_and_drops_blanks():
