@@ -40,6 +40,7 @@ from dsvl2.config import VisionConfig, load_model_config
 from dsvl2.defaults import default_model_dir
 from dsvl2.eval.metrics import character_error_rate
 from dsvl2.processor import Processor
+from dsvl2.projector import stitch_tiles
 from dsvl2.train.synthetic import generate_records
 from dsvl2.vision.siglip import VisionTransformer
 from dsvl2.vision.tiling import pad_geometry
@@ -112,18 +113,15 @@ def ctc_decode(classes: list[int]) -> str:
 class LineReader(nn.Module):
     """The vision tower and a linear head giving `outputs` character distributions per patch column."""
 
-    def __init__(self, tower: VisionTransformer, patch_size: int, tile_size: int, outputs: int) -> None:
+    def __init__(self, tower: VisionTransformer, outputs: int) -> None:
         super().__init__()
         self.tower = tower
-        self.grid = tile_size // patch_size
         self.outputs = outputs
         self.head = nn.Linear(tower.norm.normalized_shape[0], outputs * (len(ALPHABET) + 1))
 
     def patch_grid(self, pixels: torch.Tensor, columns: int, rows: int) -> torch.Tensor:
-        """Tower features of row-major tiles stitched into [rows * grid, columns * grid, width]."""
-        features = self.tower(pixels)
-        g, width = self.grid, features.shape[-1]
-        return features.view(rows, columns, g, g, width).permute(0, 2, 1, 3, 4).reshape(rows * g, columns * g, width)
+        """Tower features of row-major tiles stitched into one grid [rows * g, columns * g, width]."""
+        return stitch_tiles(self.tower(pixels), columns, rows)
 
     def forward(self, pixels: torch.Tensor, item: TextImage) -> list[torch.Tensor]:
         """Per line, CTC log-probabilities [columns * outputs, classes]."""
@@ -183,7 +181,7 @@ def main() -> None:
     cfg = load_model_config(folder).vision
     processor = Processor.from_pretrained(folder)
     tower = build_tower(cfg, args.tower)
-    reader = LineReader(tower, cfg.patch_size, processor.tile_size, args.outputs_per_column)
+    reader = LineReader(tower, args.outputs_per_column)
 
     started = time.perf_counter()
     train = text_images(processor, args.n_train, 1, "train", cfg.patch_size)

@@ -51,6 +51,14 @@ class Projector(nn.Module):
         return self.layers(features)
 
 
+def stitch_tiles(tiles: torch.Tensor, num_width_tiles: int, num_height_tiles: int) -> torch.Tensor:
+    """Row-major tiles [w*h, s*s, D] side by side as one grid [s*h, s*w, D] (the local view)."""
+    _, tokens, dim = tiles.shape
+    side = int(tokens**0.5)
+    grid = tiles.view(num_height_tiles, num_width_tiles, side, side, dim).permute(0, 2, 1, 3, 4)
+    return grid.reshape(num_height_tiles * side, num_width_tiles * side, dim)
+
+
 def layout_image_tokens(
     tile_embeds: torch.Tensor,
     num_width_tiles: int,
@@ -68,8 +76,7 @@ def layout_image_tokens(
     side = int(tokens**0.5)
     global_view = tile_embeds[0].view(side, side, dim)
     global_view = torch.cat([global_view, newline.expand(side, 1, dim)], dim=1).reshape(-1, dim)
-    local = tile_embeds[1:].view(num_height_tiles, num_width_tiles, side, side, dim)
-    local = local.permute(0, 2, 1, 3, 4).reshape(num_height_tiles * side, num_width_tiles * side, dim)
+    local = stitch_tiles(tile_embeds[1:], num_width_tiles, num_height_tiles)
     local = torch.cat([local, newline.expand(local.shape[0], 1, dim)], dim=1).reshape(-1, dim)
     sep = separator.view(1, dim)
     if global_view_pos == "head":

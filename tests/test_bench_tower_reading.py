@@ -18,6 +18,7 @@ from dsvl2.checkpoint import load_model
 from dsvl2.config import load_model_config
 from dsvl2.defaults import default_model_dir
 from dsvl2.processor import Processor
+from dsvl2.projector import stitch_tiles
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tower_reading.py"
 
@@ -30,7 +31,7 @@ def load_bench():
     return module
 
 
-def test_build_tower_loads_a_checkpoints_tower_or_makes_a_fresh_one(tmp_path):
+def test_build_tower_loads_a_checkpoints_tower_or_makes_a_fresh_one():
     bench = load_bench()
     folder = default_model_dir()
     cfg = load_model_config(folder).vision
@@ -61,8 +62,8 @@ def test_text_images_bands_hold_the_dark_ink():
     processor = Processor.from_pretrained(default_model_dir())
     size = processor.tile_size
     for item in bench.text_images(processor, 6, 3, "test", 16):
-        view = item.tiles.view(item.rows, item.columns, 3, size, size).permute(0, 3, 1, 4, 2)
-        view = view.reshape(item.rows * size, item.columns * size, 3).numpy()
+        pixels = item.tiles.permute(0, 2, 3, 1).reshape(len(item.tiles), size * size, 3)
+        view = stitch_tiles(pixels, item.columns, item.rows).numpy()
         # the renderer's ink is darker than 70 in every channel; backgrounds and padding are 127 or lighter
         ink_rows = set((np.nonzero((view.max(axis=2) < 75).any(axis=1))[0] // 16).tolist())
         band_rows = {row for line in item.lines for row in range(line.first_row, line.last_row + 1)}
@@ -85,7 +86,7 @@ def test_patch_grid_stitches_row_major_tiles_into_the_view():
     bench = load_bench()
     reader = bench.LineReader.__new__(bench.LineReader)
     nn.Module.__init__(reader)
-    reader.tower, reader.grid, reader.outputs = _TileAndPatchIndex(), 2, 1
+    reader.tower, reader.outputs = _TileAndPatchIndex(), 1
     grid = reader.patch_grid(torch.zeros(6, 3, 2, 2), columns=3, rows=2)  # 2 rows of 3 tiles, 2x2 patches each
     assert grid.shape == (4, 6, 2)
     assert grid[0, :, 0].tolist() == [0, 0, 1, 1, 2, 2]  # top patch row: tiles 0, 1, 2
