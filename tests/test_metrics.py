@@ -224,6 +224,16 @@ def test_score_sample_grounding() -> None:
     assert score_sample("grounding", "I cannot see it", record)["score"] == 0.0
 
 
+def test_score_sample_grounding_hit_at_exactly_half_iou() -> None:
+    # the prediction holds the truth and is twice as wide: intersection 200 x 200, union 400 x 200 -> IoU 0.5
+    record = {"box": [100, 200, 300, 400], "answers": ["ignored"]}
+    result = score_sample("grounding", "<|det|>[[100, 200, 500, 400]]<|/det|>", record)
+    assert result["iou"] == 0.5 and result["score"] == 1.0
+    grounded = score_sample("grounded_caption", "<|det|>[[100, 200, 500, 400]]<|/det|>",
+                            {"boxes": [[100, 200, 300, 400]], "answers": ["x"]})
+    assert grounded["score"] == 1.0
+
+
 def test_score_sample_grounding_needs_a_valid_box() -> None:
     with pytest.raises(InputError, match="box"):
         score_sample("grounding", "<|det|>[[1, 2, 3, 4]]<|/det|>", {"answers": ["x"]})
@@ -245,6 +255,15 @@ def test_score_sample_other_tasks() -> None:
     ocr = score_sample("ocr", "HELLO 4", {"answers": ["HELLO 42"]})
     assert ocr["score"] == 0.0 and ocr["cer"] == pytest.approx(1 / 8)
     assert score_sample("caption", "a red circle", {"answers": ["the red square"]})["score"] == 0.5
+
+
+def test_score_sample_ocr_takes_the_closest_reference() -> None:
+    # "HELLO 4" is 1 edit from "HELLO 42" (CER 1/8) and 6 from "HI" (CER 3): the best reference counts,
+    # whichever order the references come in.
+    for answers in (["HELLO 42", "HI"], ["HI", "HELLO 42"]):
+        ocr = score_sample("ocr", "HELLO 4", {"answers": answers})
+        assert ocr["cer"] == pytest.approx(1 / 8) and ocr["exact_match"] == 0.0
+    assert score_sample("ocr", "HI", {"answers": ["HELLO 42", "HI"]})["exact_match"] == 1.0
 
 
 def test_score_sample_rejects_bad_input() -> None:
