@@ -31,10 +31,8 @@ CASES = conformance_cases()
 MLA_VARIANTS = [v for v in VARIANTS if v != "tiny_like"]
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
-pytestmark = pytest.mark.skipif(not VARIANTS, reason=f"no conformance fixtures at {conformance_dir()}")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.skipif(not VARIANTS, reason=f"no conformance fixtures at {conformance_dir()}"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @cache

@@ -67,20 +67,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits [V] outside the top-k and outside the top-p nucleus to -inf (at least one survives)."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already reach top_p.
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop_sorted[0] = False
-        drop = torch.zeros_like(drop_sorted).scatter_(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set logits [V] outside the top-p nucleus to -inf (the best token always survives)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(descending=True)
+    probs = sorted_logits.softmax(-1)
+    # Drop a token when the tokens ranked above it already reach top_p.
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    drop_sorted[0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_row(
@@ -97,7 +94,7 @@ def sample_row(
     if 0 < params.top_k < logits.shape[-1]:
         # Only the k best can be drawn: the rest of the work happens on those k.
         logits, candidates = logits.topk(params.top_k)
-    logits = filter_top_k_top_p(logits, 0, params.top_p)
+    logits = filter_top_p(logits, params.top_p)
     index = draw_from(logits.softmax(-1), generator)
     return int(candidates[index]) if candidates is not None else index
 
