@@ -239,6 +239,23 @@ def test_sampling_with_seed_is_reproducible(client) -> None:
     assert client.chat.completions.create(**options).choices[0].message.content == first
 
 
+def test_temperature_is_honoured(client, engine: Engine) -> None:
+    # Seeded sampling is deterministic: at temperature 2 each seed's answer must be the engine's own sampled
+    # answer for that seed, and the seeds cannot all fall on the greedy answer (a server that ignored the
+    # temperature would answer greedily, or at its default temperature, every time).
+    question = "Say something."
+    greedy = generate(engine, question, max_new_tokens=8).text
+    answers = []
+    for seed in (1, 2, 3):
+        answer = client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": question}],
+                                                max_tokens=8, temperature=2.0, seed=seed).choices[0].message.content
+        sampled = engine.generate(Request(conversation=[{"role": "user", "content": question}], images=[],
+                                          sampling=SamplingParams(max_new_tokens=8, temperature=2.0, seed=seed)))
+        assert answer == sampled.text, seed
+        answers.append(answer)
+    assert any(answer != greedy for answer in answers), (greedy, answers)
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def _user(content) -> dict:
@@ -445,6 +462,40 @@ def test_engine_failure_fails_the_request_not_the_server(engine: Engine) -> None
         status, payload = post(threaded.base_url, request)
         assert status == 200 and payload["usage"]["completion_tokens"] >= 1
         assert metric(threaded.base_url, "dsvl2_engine_step_errors_total") >= 2
+
+
+class _CancellingEngine:
+    """The real engine, which cancels each request as soon as it is queued (as a shutdown would): the
+    client is still listening when the "cancelled" final event comes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def submit(self, request: Request) -> str:
+        request_id = self._engine.submit(request)
+        self._engine.cancel(request_id)
+        return request_id
+
+
+def test_a_request_cancelled_by_the_server_gets_503(engine: Engine) -> None:
+    from dsvl2.serve.app import ServeSettings, create_app
+    from dsvl2.serve.runner import EngineRunner
+
+    app = create_app(EngineRunner(_CancellingEngine(engine)), ServeSettings(served_model_name=SERVED_NAME))
+    request = {**_user("Hello there."), "max_tokens": 4}
+    with ThreadedServer(app) as threaded:
+        status, payload = post(threaded.base_url, request)
+        assert status == 503 and payload["error"]["code"] == "cancelled", payload
+        streamed = urllib.request.Request(threaded.base_url + "/v1/chat/completions",
+                                          data=json.dumps({**request, "stream": True}).encode(),
+                                          headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(streamed, timeout=30) as response:
+            records = [r for r in response.read().decode().split("\n\n") if r]
+        assert records[-1] == "data: [DONE]"
+        assert json.loads(records[-2][6:])["error"]["code"] == "cancelled"
 
 
 def test_local_image_paths_only_when_allowed(engine: Engine, square_path: Path) -> None:
