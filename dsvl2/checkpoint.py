@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dsvl2.config import ModelConfig, load_model_config
+from dsvl2.config import ModelConfig, ModelFolder
 from dsvl2.model import DeepseekVL2
 
 SAFETENSORS_DTYPES = {
@@ -125,14 +125,16 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_model(
-    model_dir: str | Path,
+    source: str | Path | ModelFolder,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> DeepseekVL2:
-    """A DeepseekVL2 in `dtype` on `device` from a checkpoint directory, in eval mode."""
-    cfg = load_model_config(model_dir)
-    files = checkpoint_files(model_dir)
+    """A DeepseekVL2 in `dtype` on `device` from a checkpoint directory (or its parsed `ModelFolder`), in eval
+    mode."""
+    folder = source if isinstance(source, ModelFolder) else ModelFolder.read(source)
+    cfg = folder.config
+    files = checkpoint_files(folder.path)
     headers = {path: read_header(path) for path in files}
     found = {name: entry["shape"] for entries, _ in headers.values() for name, entry in entries.items()}
     model = build_model(cfg)

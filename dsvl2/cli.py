@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from dsvl2.cli_common import add_model_arguments, add_sampling_arguments, guarded_run, load_engine, sampling_from_args
 from dsvl2.errors import InputError
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
@@ -75,80 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.run(args) or 0)
 
 
-# ------------------------------------------------------------------------------------------ shared
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint directory (config.json, model.safetensors, tokenizer files; "
-                             "default: the bundled default model)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--max-len", type=int, default=None,
-                        help="context length in tokens (default: the model's max_position_embeddings)")
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def sampling_from_args(args: argparse.Namespace) -> Any:
-    from dsvl2.engine.sampling import SamplingParams
-
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
-    )
-
-
-def resolve_model_dir(model: Path | None) -> Path:
-    """The --model directory, or the bundled default model when none is given."""
-    if model is not None:
-        return model
-    from dsvl2.defaults import default_model_dir
-
-    try:
-        return default_model_dir()
-    except FileNotFoundError as exc:
-        raise InputError(f"no --model given and {exc}") from None
-
-
-def load_engine(args: argparse.Namespace, max_batch: int = 1) -> Any:
-    import torch
-
-    from dsvl2.engine.generate import Engine
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    model_dir = resolve_model_dir(args.model)
-    if not model_dir.is_dir():
-        raise InputError(f"model directory {model_dir} does not exist")
-    return Engine.from_pretrained(model_dir, dtype=getattr(torch, dtype_name), device=device, progress=True,
-                                  max_batch=max_batch, max_len=args.max_len)
-
-
-def guarded_run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Turn expected failures (bad input, bad checkpoint) into a one-line message and exit code."""
-    from dsvl2.checkpoint import CheckpointError
-    from dsvl2.config import ConfigError
-
-    try:
-        return run(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
 # ---------------------------------------------------------------------------------------- generate
 
 
@@ -187,7 +114,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     prompt, images = _split_prompt(args)
     sampling = sampling_from_args(args)
-    sampling.validate()
     engine = load_engine(args)
     conversation = [{"role": "system", "content": args.system}] if args.system else []
     position = engine.processor.config.image_tag_position
@@ -221,12 +147,7 @@ def _stream_to(engine: Any, request: Any, out: TextIO) -> Any:
         if event.text:
             out.write(event.text)
             out.flush()
-        completion.text += event.text
-        if event.token_id is not None:
-            completion.token_ids.append(event.token_id)
-        completion.prompt_tokens, completion.completion_tokens = event.prompt_tokens, event.completion_tokens
-        if event.finished:
-            completion.finish_reason, completion.error = event.finish_reason or "", event.error
+        completion.add(event)
     out.write("\n")
     out.flush()
     return completion
@@ -291,7 +212,6 @@ def _chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     sampling = sampling_from_args(args)
-    sampling.validate()
     engine = load_engine(args)
     interactive = stdin.isatty()
     session = ChatSession(args.system, engine.processor.config.image_tag_position)

@@ -149,11 +149,6 @@ class ModelConfig:
         """The projector's pixel-shuffle ratio, or 1 for projectors that keep every patch."""
         return self.projector.downsample_ratio if self.projector.projector_type == "downsample_mlp_gelu" else 1
 
-    @property
-    def tokens_per_tile_side(self) -> int:
-        """Tokens along one side of a tile after the projector's pixel shuffle."""
-        return -(-self.vision.grid // self.patches_per_token_side)
-
 
 @dataclass(frozen=True)
 class ProcessorConfig:
@@ -174,12 +169,8 @@ class ProcessorConfig:
     # checkpoints' format) or "after" it (the default model, trained with the question first).
     image_tag_position: str = "before"
 
-    @property
-    def tokens_per_tile_side(self) -> int:
-        return -(-(self.image_size // self.patch_size) // self.downsample_ratio)
 
-
-def _build(cls: type, raw: dict[str, Any], where: str, convert: dict[str, Any] | None = None) -> Any:
+def _build(cls: type, raw: dict[str, Any], convert: dict[str, Any] | None = None) -> Any:
     """Instantiate a dataclass from a dict. Keys it does not know (`auto_map`, `lm_head`, `torch_dtype`,
     ...) are ignored as the official code ignores them; values are validated by the callers."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -256,12 +247,9 @@ def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     """Parse a Hugging Face DeepSeek-VL2 `config.json` dict."""
     if raw.get("model_type", "deepseek_vl_v2") != "deepseek_vl_v2":
         raise ConfigError(f"config.json: model_type is {raw.get('model_type')!r}, expected 'deepseek_vl_v2'")
-    vision = _build(VisionConfig, raw.get("vision_config", {}), "vision_config")
-    projector = _build(ProjectorConfig, raw.get("projector_config", {}), "projector_config")
-    lang_raw = dict(raw.get("language_config", {}))
-    language = _build(
-        LanguageConfig, lang_raw, "language_config", convert={"rope_scaling": _rope_scaling}
-    )
+    vision = _build(VisionConfig, raw.get("vision_config", {}))
+    projector = _build(ProjectorConfig, raw.get("projector_config", {}))
+    language = _build(LanguageConfig, raw.get("language_config", {}), convert={"rope_scaling": _rope_scaling})
     _check_language(language)
     if projector.projector_type not in PROJECTOR_TYPES:
         raise ConfigError(
@@ -285,15 +273,17 @@ def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     return ModelConfig(vision, projector, language, candidates, tile_tag, global_view_pos)
 
 
-def processor_config_from_dict(raw: dict[str, Any], image_size: int = 384) -> ProcessorConfig:
-    """Parse `processor_config.json`; `image_size` comes from the model's vision config."""
+def processor_config_from_dict(raw: dict[str, Any], model: ModelConfig | None = None) -> ProcessorConfig:
+    """Parse `processor_config.json`; the tile size, and the candidate resolutions it leaves out, come from
+    the model's config when there is one."""
     convert = {
         "candidate_resolutions": _pairs,
         "image_mean": lambda v: tuple(float(x) for x in v),
         "image_std": lambda v: tuple(float(x) for x in v),
     }
-    cfg = _build(ProcessorConfig, {**raw, "image_size": raw.get("image_size", image_size)}, "processor_config",
-                 convert=convert)
+    if model is not None:
+        raw = {"image_size": model.vision.image_size, "candidate_resolutions": model.candidate_resolutions, **raw}
+    cfg = _build(ProcessorConfig, raw, convert=convert)
     if cfg.sft_format != "deepseek":
         raise ConfigError(f"processor_config.sft_format is {cfg.sft_format!r}; only 'deepseek' is supported")
     if cfg.image_tag_position not in IMAGE_TAG_POSITIONS:
@@ -316,17 +306,31 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     return model_config_from_dict(load_json(Path(model_dir) / "config.json"))
 
 
-def load_processor_config(model_dir: str | Path) -> ProcessorConfig:
-    """Processor settings of a checkpoint directory; the official defaults when the file is absent."""
+def load_processor_config(model_dir: str | Path, model: ModelConfig | None = None) -> ProcessorConfig:
+    """Processor settings of a folder (the official defaults without processor_config.json); `model` is its
+    parsed config.json, read here when not given and present."""
     model_dir = Path(model_dir)
-    image_size = 384
-    if (model_dir / "config.json").exists():
-        image_size = load_model_config(model_dir).vision.image_size
+    if model is None and (model_dir / "config.json").is_file():
+        model = load_model_config(model_dir)
     path = model_dir / "processor_config.json"
-    raw = load_json(path) if path.exists() else {}
-    if "candidate_resolutions" not in raw and (model_dir / "config.json").exists():
-        raw["candidate_resolutions"] = load_json(model_dir / "config.json").get("candidate_resolutions", [[384, 384]])
-    return processor_config_from_dict(raw, image_size=image_size)
+    return processor_config_from_dict(load_json(path) if path.is_file() else {}, model)
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A checkpoint folder's configuration: config.json and processor_config.json, each read and parsed once."""
+
+    path: Path
+    raw_config: dict[str, Any]  # config.json as written, for tools that copy it into new checkpoints
+    config: ModelConfig
+    processor_config: ProcessorConfig
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelFolder:
+        path = Path(path)
+        raw = load_json(path / "config.json")
+        config = model_config_from_dict(raw)
+        return cls(path, raw, config, load_processor_config(path, config))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -64,16 +64,34 @@ class DeepseekVL2(nn.Module):
         """Normalised tiles [N, 3, S, S] -> projected tile embeddings [N, s*s, hidden]."""
         return self.projector(self.vision(tiles.to(self.vision.pos_embed.dtype)))
 
+    def layout_image(self, tile_embeds: torch.Tensor, num_width_tiles: int, num_height_tiles: int) -> torch.Tensor:
+        """One image's token embeddings [n_tokens, hidden] from its projected tiles [1 + w*h, s*s, hidden]."""
+        return layout_image_tokens(tile_embeds, num_width_tiles, num_height_tiles, self.image_newline,
+                                   self.view_seperator, self.cfg.global_view_pos)
+
     def image_embeddings(self, tiles: torch.Tensor, crops: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Each image's token embeddings; `tiles` holds every image's global + local tiles in order."""
         tile_embeds = self.encode_tiles(tiles)
         out, start = [], 0
         for w, h in crops:
             n = 1 + w * h
-            out.append(layout_image_tokens(tile_embeds[start:start + n], w, h, self.image_newline,
-                                           self.view_seperator, self.cfg.global_view_pos))
+            out.append(self.layout_image(tile_embeds[start:start + n], w, h))
             start += n
         return out
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text token embeddings [..., hidden]."""
+        return self.language.model.embed_tokens(input_ids)
+
+    def embed_with_images(
+        self, input_ids: torch.Tensor, images_seq_mask: torch.Tensor | None, images: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, D] with each image's token embeddings (`layout_image`) placed, in order,
+        at the image-token positions of `images_seq_mask` [B, T]."""
+        embeds = self.embed_tokens(input_ids)
+        if not images:
+            return embeds
+        return merge_image_embeddings(embeds, images_seq_mask, torch.cat(images))
 
     def embed_inputs(
         self,
@@ -82,15 +100,13 @@ class DeepseekVL2(nn.Module):
         images_seq_mask: torch.Tensor | None = None,
         images_spatial_crop: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings [B, T, D] with image features placed at the image-token positions."""
-        embeds = self.language.model.embed_tokens(input_ids)
-        if images is None or images_spatial_crop is None or images_seq_mask is None:
-            return embeds
-        tiles, crops = batch_tiles(images, images_spatial_crop)
-        if not crops:
-            return embeds
-        features = self.image_embeddings(tiles, crops)
-        return merge_image_embeddings(embeds, images_seq_mask, torch.cat(features))
+        """Token embeddings [B, T, D] of a padded batch with its images' features at the image-token positions."""
+        features: list[torch.Tensor] = []
+        if images is not None and images_spatial_crop is not None and images_seq_mask is not None:
+            tiles, crops = batch_tiles(images, images_spatial_crop)
+            if crops:
+                features = self.image_embeddings(tiles, crops)
+        return self.embed_with_images(input_ids, images_seq_mask, features)
 
     def forward(
         self,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from dsvl2.config import IMAGE_TAG_POSITIONS, ProcessorConfig, load_model_config, load_processor_config
+from dsvl2.config import IMAGE_TAG_POSITIONS, ModelFolder, ProcessorConfig, load_processor_config
 from dsvl2.errors import ImageCountError, InputError, PromptTooLongError
 from dsvl2.grounding import IMAGE_TAG
 from dsvl2.images import DEFAULT_MAX_PIXELS, ImageSource, load_image
@@ -163,14 +163,17 @@ class Processor:
         self._same_table_for_all_channels = bool((self._normalize_table == self._normalize_table[0]).all())
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Processor:
-        """Read a checkpoint directory: processor_config.json, tokenizer files, config.json if present."""
-        model_dir = Path(model_dir)
-        config = load_processor_config(model_dir)
-        tokenizer = Tokenizer.from_dir(model_dir, pad_token=config.pad_token)
-        context_length = None
-        if (model_dir / "config.json").exists():
-            context_length = load_model_config(model_dir).language.max_position_embeddings
+    def from_pretrained(cls, source: str | Path | ModelFolder, max_pixels: int = DEFAULT_MAX_PIXELS) -> Processor:
+        """A checkpoint folder's processor (or its parsed `ModelFolder`'s); a folder of tokenizer files and
+        processor_config.json alone gives one without a context length."""
+        if not isinstance(source, ModelFolder) and (Path(source) / "config.json").is_file():
+            source = ModelFolder.read(source)
+        if isinstance(source, ModelFolder):
+            path, config = source.path, source.processor_config
+            context_length = source.config.language.max_position_embeddings
+        else:
+            path, config, context_length = Path(source), load_processor_config(source), None
+        tokenizer = Tokenizer.from_dir(path, pad_token=config.pad_token)
         return cls(config, tokenizer, context_length=context_length, max_pixels=max_pixels)
 
     # ----------------------------------------------------------------------------- text

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
+from dsvl2.config import ModelFolder
 from dsvl2.engine.cache import KVCache
 from dsvl2.engine.cpu import fbgemm_fp16_available, float32_compute, is_half_on_cpu, pack_linear_layers
 from dsvl2.engine.sampling import SamplingParams, StopStringFilter, make_generator, sample_next
 from dsvl2.engine.scheduler import Phase, Scheduler, Sequence, contiguous_range
 from dsvl2.errors import InputError, PromptTooLongError
-from dsvl2.model import merge_image_embeddings
-from dsvl2.projector import layout_image_tokens
+from dsvl2.loading import load
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,15 @@ class Completion:
     completion_tokens: int
     error: str | None = None
     request_id: str = ""
+
+    def add(self, event: TokenEvent) -> None:
+        """Fold the next streamed event of this request into the completion."""
+        self.text += event.text
+        if event.token_id is not None:
+            self.token_ids.append(event.token_id)
+        self.prompt_tokens, self.completion_tokens = event.prompt_tokens, event.completion_tokens
+        if event.finished:
+            self.finish_reason, self.error = event.finish_reason or "", event.error
 
 
 class ImageEmbeddingCache:
@@ -140,7 +149,7 @@ class ImageEncoding:
     def _finish(self, engine: Engine, image: int) -> None:
         width_tiles, height_tiles = self.crops[image]
         tiles = torch.stack(self.done_tiles.pop(image))
-        self.features[image] = engine.layout_image(tiles, width_tiles, height_tiles)
+        self.features[image] = engine.model.layout_image(tiles, width_tiles, height_tiles)
         engine.stats["images_encoded"] += 1
         if self.keys[image] is not None:
             engine.image_cache.put(self.keys[image], self.features[image])
@@ -196,22 +205,17 @@ class Engine:
     @classmethod
     def from_pretrained(
         cls,
-        model_dir: str | Path,
+        model_dir: str | Path | ModelFolder | None,
         *,
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         progress: bool = False,
         **kwargs: Any,
     ) -> Engine:
-        """Load weights and processor from a checkpoint directory. Defaults: CUDA in bfloat16 when
-        available, else CPU in float32."""
-        from dsvl2.checkpoint import load_model
-        from dsvl2.processor import Processor
-
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = load_model(model_dir, dtype=dtype, device=device, progress=progress)
-        return cls(model, Processor.from_pretrained(model_dir), **kwargs)
+        """An engine on a checkpoint folder's weights and processor (None: the bundled default model);
+        `dsvl2.loading` chooses the device and dtype left unset (a GPU in bfloat16, else the CPU in float32)."""
+        model, processor = load(model_dir, device=device, dtype=dtype, progress=progress)
+        return cls(model, processor, **kwargs)
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -342,7 +346,7 @@ class Engine:
         positions = torch.tensor([[s.next_position] for s in batch], device=self.device)
         slots_list = [s.slot for s in batch]
         slots = torch.tensor(slots_list, device=self.device)
-        embeds = self._model.language.model.embed_tokens(tokens)
+        embeds = self._model.embed_tokens(tokens)
         span = contiguous_range(slots_list)
         try:
             if span is not None:
@@ -383,7 +387,6 @@ class Engine:
             len(seq.output_ids) >= seq.sampling.max_new_tokens or seq.prompt_len + len(seq.output_ids) >= self.max_len
         ):
             reason = "length"
-        seq.text += text
         events = [self._event(seq, text, token)]
         if reason is not None:
             events.append(self._final_event(seq, reason))
@@ -400,8 +403,6 @@ class Engine:
         if reason in ("stop", "length") and not seq.stop_filter.stopped:
             text, _ = seq.stop_filter.push(seq.decoder.flush())
             text += seq.stop_filter.flush()
-        seq.text += text
-        seq.finish_reason, seq.error = reason, error
         return self._event(seq, text, None, finished=True, finish_reason=reason, error=error)
 
     # -- images ---------------------------------------------------------------------------------
@@ -414,11 +415,8 @@ class Engine:
         if not seq.images.advance(self, self.vision_tiles_per_step):
             return None
         input_ids = seq.sample.input_ids.to(self.device)[None]
-        embeds = self._model.language.model.embed_tokens(input_ids)
-        features = seq.images.features
-        if features:
-            mask = seq.sample.images_seq_mask.to(self.device)[None]
-            embeds = merge_image_embeddings(embeds, mask, torch.cat(features))
+        mask = seq.sample.images_seq_mask.to(self.device)[None]
+        embeds = self._model.embed_with_images(input_ids, mask, seq.images.features)
         seq.images = None
         return embeds[0]
 
@@ -426,11 +424,6 @@ class Engine:
         """Normalised tiles [N, 3, S, S] -> projected tile embeddings [N, s*s, D] (one vision call)."""
         self.stats["vision_calls"] += 1
         return self._model.encode_tiles(tiles.to(self.device)).to(self.dtype)
-
-    def layout_image(self, tile_embeds: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:
-        model = self._model
-        return layout_image_tokens(tile_embeds, width_tiles, height_tiles, model.image_newline,
-                                   model.view_seperator, model.cfg.global_view_pos)
 
     # -- compile --------------------------------------------------------------------------------
 
@@ -496,11 +489,7 @@ class Engine:
                 partial = pending.get(event.request_id)
                 if partial is None:
                     continue
-                partial.text += event.text
-                if event.token_id is not None:
-                    partial.token_ids.append(event.token_id)
-                partial.prompt_tokens, partial.completion_tokens = event.prompt_tokens, event.completion_tokens
+                partial.add(event)
                 if event.finished:
-                    partial.finish_reason, partial.error = event.finish_reason or "", event.error
                     completions[event.request_id] = pending.pop(event.request_id)
         return [completions[i] for i in ids]

@@ -49,9 +49,6 @@ class Sequence:
     prompt_embeds: torch.Tensor | None = None  # [T, D] while prefilling
     images: Any = None  # dsvl2.engine.generate.ImageEncoding while the prompt's images are encoded
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    error: str | None = None
     first_token_time: float | None = None
 
     @property

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsvl2.cli_common import add_model_arguments, guarded_run, load_engine
 from dsvl2.errors import InputError
 from dsvl2.eval.metrics import METRICS, score_sample
 
@@ -273,8 +274,6 @@ def evaluate(engine: Any, data: Path, tasks: str | None = "all", *, batch_size: 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `dsvl2 eval`."""
-    from dsvl2.cli import add_model_arguments
-
     add_model_arguments(parser)
     parser.add_argument("--data", type=Path, required=True, help="eval JSON Lines file (e.g. dsvl2 data synth)")
     parser.add_argument("--task", default="all",
@@ -289,13 +288,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the parsed arguments say; 0 on success, 2 for bad input, 1 for a bad checkpoint."""
-    from dsvl2.cli import guarded_run
-
     return guarded_run(_evaluate, args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dsvl2.cli import load_engine, resolve_model_dir
+    from dsvl2.loading import resolve_model_dir
 
     # The cheap checks come first: a mistyped flag should not wait for the weights to load.
     if args.batch_size < 1:
@@ -303,11 +300,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     parse_task_filter(args.task)
     if not Path(args.data).is_file():
         raise InputError(f"eval data file {args.data} does not exist")
-    model_dir = resolve_model_dir(args.model)
+    args.model = resolve_model_dir(args.model)
     engine = load_engine(args, max_batch=args.batch_size)
     report = evaluate(engine, args.data, args.task, batch_size=args.batch_size, limit=args.limit,
                       max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                      model_name=str(model_dir))
+                      model_name=str(args.model))
     print(format_table(report["tasks"]))
     print(f"{report['num_records']} records in {report['seconds']:.1f}s"
           + (f", {report['num_errors']} errors (see the report)" if report["num_errors"] else ""))

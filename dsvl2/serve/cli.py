@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
+from dsvl2.cli_common import add_model_arguments, load_engine
 from dsvl2.errors import InputError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -16,19 +16,14 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `dsvl2 serve`."""
-    parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint directory (default: the bundled default model)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--served-model-name", default=None,
                         help="model id clients must send (default: the model directory's name)")
     parser.add_argument("--allow-local-files", action="store_true",
                         help="accept absolute local file paths as image URLs (only for trusted clients)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    parser.add_argument("--max-len", type=int, default=None, help="context length per sequence (default: model's)")
     parser.add_argument("--max-pending", type=int, default=64,
                         help="accepted requests (running + waiting) before answering 429")
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit in MiB (413 above)")
@@ -48,38 +43,18 @@ def _positive(name: str, value: float | None) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    if args.model is None:
-        from dsvl2.cli import resolve_model_dir
+    from dsvl2.loading import resolve_model_dir
 
-        try:
-            args.model = resolve_model_dir(None)
-        except InputError as exc:
-            raise SystemExit(f"error: {exc}") from None
-    if not (args.model / "config.json").is_file():
-        raise SystemExit(f"error: {args.model} is not a checkpoint directory (no config.json)")
+    try:
+        args.model = resolve_model_dir(args.model)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
     for name in ("max_batch", "max_len", "max_pending", "max_body_mb", "max_image_pixels", "max_images",
                  "default_max_tokens", "preprocess_workers"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.allow_local_files and args.host not in _LOOPBACK_HOSTS:
         print(f"warning: --allow-local-files on {args.host}: any client that reaches this address can make the "
               "server read image files it has access to", file=sys.stderr)
-
-
-def build_engine(args: argparse.Namespace):
-    import torch
-
-    from dsvl2.engine.generate import Engine
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype_name = args.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
-    options = {"max_batch": args.max_batch}
-    if args.max_len is not None:
-        options["max_len"] = args.max_len
-    return Engine.from_pretrained(args.model, dtype=getattr(torch, dtype_name), device=device, **options)
 
 
 def build_settings(args: argparse.Namespace):
@@ -107,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = build_settings(args)
-    engine = build_engine(args)
+    engine = load_engine(args, max_batch=args.max_batch, progress=False)
     runner = EngineRunner(engine, max_pending=args.max_pending)
     app = create_app(runner, settings)
     print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

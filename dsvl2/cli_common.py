@@ -1,0 +1,72 @@
+"""Command-line pieces shared by the verbs (`generate`, `chat`, `serve`, `eval`): model and sampling
+options, loading the engine, and turning expected failures into one-line messages.
+
+Heavy modules are imported inside the functions, so building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dsvl2.errors import InputError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device and --max-len; unset values are chosen by `dsvl2.loading`."""
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint directory (config.json, model.safetensors, tokenizer files; "
+                             "default: the bundled default model)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="context length in tokens (default: the model's max_position_embeddings)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> Any:
+    """The validated `SamplingParams` of the sampling options."""
+    from dsvl2.engine.sampling import SamplingParams
+
+    sampling = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+    )
+    sampling.validate()
+    return sampling
+
+
+def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = True) -> Any:
+    """The engine on the model options' checkpoint (the bundled default model without --model)."""
+    from dsvl2.engine.generate import Engine
+
+    return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=progress,
+                                  max_batch=max_batch, max_len=args.max_len)
+
+
+def guarded_run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Turn expected failures (bad input, bad checkpoint) into a one-line message and exit code."""
+    from dsvl2.checkpoint import CheckpointError
+    from dsvl2.config import ConfigError
+
+    try:
+        return run(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
