@@ -193,11 +193,9 @@ class _Server:
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
+    from dsvl2.loading import choose_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(choose_device(name))
 
 
 # ----------------------------------------------------------------------------- main

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsvl2.defaults import default_model_dir
 from dsvl2.engine import Engine, Request, SamplingParams
 from dsvl2.grounding import box_to_pixels, draw_boxes, parse_grounding
 from dsvl2.images import load_image
@@ -36,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("quickstart_boxes.png"), help="image with the drawn box")
     args = parser.parse_args(argv)
 
-    # 1. Load: weights, tokenizer and image processor come from one checkpoint directory.
-    engine = Engine.from_pretrained(args.model or default_model_dir())
+    # 1. Load: weights, tokenizer and image processor come from one checkpoint directory (None: the bundled one).
+    engine = Engine.from_pretrained(args.model)
 
     # 2. Ask: plain questions about images.
     shapes, text, chart = IMAGES / "shapes.png", IMAGES / "text.png", IMAGES / "chart.png"

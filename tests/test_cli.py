@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from conformance_data import conformance_dir, conformance_variants
@@ -184,3 +186,19 @@ def test_prompt_after_a_list_of_images_is_not_taken_for_an_image() -> None:
     assert cli._split_prompt(args) == ("Compare them.", [str(image_path("square")), str(image_path("wide"))])
 
 
+
+
+def test_no_module_imports_the_command_line_back() -> None:
+    """`dsvl2.cli` loads the verbs' modules, so they take shared pieces from `dsvl2.cli_common` instead."""
+    importers = []
+    for path in sorted(Path(cli.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            if "dsvl2.cli" in names:
+                importers.append(f"{path.name}:{node.lineno}")
+    assert importers == []

@@ -173,8 +173,8 @@ class Engine:
         """`vision_tiles_per_step`: image tiles encoded per step (default 2 on CPU, 32 on GPU).
         CPU options for bfloat16/float16 models (None: on for such a model on a CPU; see dsvl2.engine.cpu):
         `float32_prefill` runs vision and prefill in float32: the vision tower and projector are converted
-        to float32 once, in place (about 0.8 GB more for SigLIP-SO400M, and no weight upcast on every image),
-        the language model's weights are upcast layer by layer;
+        to float32 once, in place (so no image pays a weight upcast), the language model's weights are
+        upcast layer by layer;
         `pack_weights` replaces the language model's linear layers, in place, by FBGEMM packed float16
         layers (float32 compute, 16-bit weights) for fast decoding."""
         self._model = model.eval()
@@ -189,7 +189,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch, prefill_chunk)
         self.image_cache = ImageEmbeddingCache(image_cache_size)
         # A step encodes at most this many image tiles, so one large image does not stall every other
-        # request for the whole vision pass (seconds per tile on a CPU, milliseconds on a GPU).
+        # request for the whole vision pass; a CPU's tiles are slow, so it takes fewer per step.
         self.vision_tiles_per_step = vision_tiles_per_step or (2 if self.device.type == "cpu" else 32)
         half_on_cpu = is_half_on_cpu(self.device, self.dtype)
         self.float32_prefill = half_on_cpu if float32_prefill is None else float32_prefill

@@ -101,7 +101,7 @@ def sample_row(
 
 def draw_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index drawn with probabilities `probs` [V] by inverting the cumulative distribution
-    (torch.multinomial costs milliseconds on a 100k-token vocabulary)."""
+    (cheaper than torch.multinomial on a large vocabulary)."""
     cdf = probs.float().cumsum(-1)  # float32 rounding moves at most ~1e-6 of probability mass
     u = torch.rand((), generator=generator, device=probs.device) * cdf[-1]
     # The first position whose cumulative probability exceeds u; zero-probability tokens never are.
