@@ -15,6 +15,7 @@ from conformance_data import conformance_cases, conformance_dir, conformance_var
 from safetensors.torch import load_file
 
 from dsvl2.checkpoint import load_model
+from dsvl2.language.moe import MoE
 from dsvl2.model import DeepseekVL2
 
 VARIANTS = conformance_variants()
@@ -131,6 +132,53 @@ def test_training_loss(variant: str) -> None:
     with torch.no_grad():
         out = model(variant)(**inputs)
     assert abs(out.loss.item() - cases["_loss"]["loss"]) <= 1e-4
+
+
+def aux_loss_inputs(variant: str) -> tuple[dict, dict | None]:
+    """The `_aux_loss` conversation's ids and attention mask from cases.json, its image's tiles from the
+    `one_square` case, which shows the same image alone in its prompt (same tiling)."""
+    fixture = json.loads((conformance_dir() / variant / "cases.json").read_text())["_aux_loss"]
+    if fixture is None:
+        return {}, None
+    square = conformance_cases()["one_square"]
+    assert [fixture["images"]] == [m["images"] for m in square["conversation"] if "images" in m]
+    ids = torch.tensor(fixture["input_ids"])[None]
+    prompt = case_inputs("one_square")
+    image_token = int(prompt["input_ids"][prompt["images_seq_mask"]][0])
+    inputs = {
+        "input_ids": ids,
+        "images": prompt["images"],
+        "images_seq_mask": ids == image_token,
+        "images_spatial_crop": prompt["images_spatial_crop"],
+        "attention_mask": torch.tensor(fixture["attention_mask"], dtype=torch.long)[None],
+    }
+    assert torch.equal(ids[0, : prompt["input_ids"].shape[1]], prompt["input_ids"][0])  # the prompt, then the answer
+    return inputs, fixture
+
+
+# The README's bound for losses, 1e-4, exceeds these values (~0.0016 per layer); float32 reproduces them to
+# about 1e-9, so they are compared to 1e-4 of their size.
+AUX_LOSS_RELATIVE = 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_moe_aux_loss_per_layer_and_summed(variant: str) -> None:
+    inputs, fixture = aux_loss_inputs(variant)
+    m = load_model(conformance_dir() / variant).train()  # the balance loss exists in training mode only
+    layer_losses = []
+    for layer in m.language.model.layers:
+        if isinstance(layer.mlp, MoE):
+            layer.mlp.register_forward_hook(lambda _module, _args, output: layer_losses.append(output[1]))
+    with torch.no_grad():
+        out = m(**inputs) if fixture is not None else m(**case_inputs("one_square"))
+    if fixture is None:  # base_like: a noaux_tc gate is balanced by its correction bias, with no loss
+        assert out.aux_loss is None and all(loss is None for loss in layer_losses)
+        return
+    ours = [loss.item() for loss in layer_losses]
+    assert len(ours) == len(fixture["per_layer"])
+    for layer, (a, b) in enumerate(zip(ours, fixture["per_layer"], strict=True)):
+        assert abs(a - b) <= AUX_LOSS_RELATIVE * b, f"MoE layer {layer}: {a} against {b}"
+    assert abs(out.aux_loss.item() - fixture["sum"]) <= AUX_LOSS_RELATIVE * fixture["sum"]
 
 
 # Measured on these checkpoints (bfloat16 weights and activations against the float32 reference,
