@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance_data import conformance_dir
+from conformance_data import REQUIRE_ENV, conformance_dir, missing_requirements, requirements_required
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # In CI a missing fixture must not turn hundreds of tests into a green run of skips.
+    if requirements_required() and (missing := missing_requirements()):
+        raise pytest.UsageError(f"{REQUIRE_ENV} is set and the suite's inputs are missing:\n  "
+                                + "\n  ".join(missing))
 
 
 @pytest.fixture(scope="session")
