@@ -9,7 +9,7 @@ tokens (`--features tower`).
 
 Features of the image tokens (`--features`), the first two each a sum of learned vectors:
   scene   every global-view token holds the scene's counts (of each colour, of each kind, in all),
-          the scene labels stage vision teaches every global-view token (dsvl2/train/dense.py).
+          the scene labels stage vision teaches every global-view token (default_recipe/vision_stage.py).
   object  a global-view token whose centre lies on an object holds that object's colour, its kind,
           the count of its colour and the count of its kind; every global-view token holds the total.
   tower   the image tokens a checkpoint's frozen vision tower and projector make of the pixels (`--tower DIR`,
@@ -27,7 +27,7 @@ drawn afresh at every forward (the tower's tokens are not exact: a linear probe 
 `--tower-rms R` multiplies the tower's tokens by one factor that gives them RMS R (the default model's are
 ~90x its text embeddings' 0.026, and the language model learns nothing from them at that scale).
 
-`--token-relevance LAYER` adds the loss of `dsvl2.train.token_relevance` at that decoder layer's output:
+`--token-relevance LAYER` adds the loss of `default_recipe.token_relevance` at that decoder layer's output:
 each global-view token that shows the image learns whether it lies on a shape the question counts (of
 the named colour or kind; any shape for a total); the held-out share of tokens it gets right is reported
 as `relevance` (beside `relevance_majority`, the share of tokens that are not relevant).
@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -63,14 +64,16 @@ from torch import nn
 from dsvl2.checkpoint import build_model, load_model
 from dsvl2.config import load_json, model_config_from_dict
 from dsvl2.defaults import default_model_dir
-from dsvl2.language.model import shifted_cross_entropy
+from dsvl2.language.model import LayerOutput, shifted_cross_entropy
 from dsvl2.model import DeepseekVL2, init_weights, merge_image_embeddings
 from dsvl2.processor import Processor, Sample
-from dsvl2.train.box_attention import image_token_centres
-from dsvl2.train.dense import COLOURS, MAX_COUNT
 from dsvl2.train.synthetic import SHAPE_KINDS as KINDS
 from dsvl2.train.synthetic import generate_records
-from dsvl2.train.token_relevance import relevance_logits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "default"))  # the recipe's package
+from default_recipe.image_tokens import image_token_centres  # noqa: E402
+from default_recipe.token_relevance import relevance_logits  # noqa: E402
+from default_recipe.vision_labels import COLOURS, MAX_COUNT  # noqa: E402
 
 QUESTION_KINDS = ("total", "colour", "kind")
 
@@ -184,7 +187,7 @@ class TowerFeatures:
 
     def rescale(self, rms: float, fit: list, *others: list) -> float:
         """Multiply the prepared tokens of `fit` and `others` by the one factor that gives `fit`'s tokens RMS
-        `rms` (the text embeddings' is ~0.026; `model.image_token_rms` of a recipe does this to a model)."""
+        `rms` (the text embeddings' is ~0.026; the default recipe's `token_scale` extension does this to a model)."""
         factor = rms / _rms(torch.cat([record["image_tokens"] for record, _, _ in fit])).item()
         for examples in (fit, *others):
             for record, _, _ in examples:
@@ -235,19 +238,19 @@ def relevance_labels(record: dict[str, Any], centres: list[tuple[float, float] |
     return labels
 
 
-class LayerOutput:
+class KeptHidden:
     """Keeps the hidden states a decoder layer returned in the last forward."""
 
     def __init__(self, layer: nn.Module) -> None:
         self.hidden: torch.Tensor | None = None
         layer.register_forward_hook(self._keep)
 
-    def _keep(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        self.hidden = output[0]
+    def _keep(self, module: nn.Module, args: tuple, output: LayerOutput) -> None:
+        self.hidden = output.hidden
 
 
 def forward(model: DeepseekVL2, processor: Processor, features: ExactFeatures | TowerFeatures, examples: list,
-            relevance: LayerOutput | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+            relevance: KeptHidden | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """Logits [B, T, V] and labels [B, T] of a left-padded batch whose image tokens are exact features,
     and with `relevance` the relevance logits and 0/1 labels of the global-view tokens that show the image."""
     batch = processor.batch([sample for _, sample, _ in examples])
@@ -277,7 +280,7 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: DeepseekVL2, processor: Processor, features: ExactFeatures | TowerFeatures, examples: list,
-             relevance: LayerOutput | None = None) -> dict[str, float]:
+             relevance: KeptHidden | None = None) -> dict[str, float]:
     model.eval()
     right: Counter = Counter()
     total: Counter = Counter()
@@ -388,7 +391,7 @@ def main() -> None:
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
     relevance = None
     if args.token_relevance is not None:
-        relevance = LayerOutput(model.language.model.layers[args.token_relevance])
+        relevance = KeptHidden(model.language.model.layers[args.token_relevance])
     history = []
     started = time.perf_counter()
     for step in range(1, args.steps + 1):

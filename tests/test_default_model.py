@@ -216,12 +216,18 @@ def test_recipe_stages_chain_from_vision_to_sft():
     for stage in stages[2:]:
         assert set(stage.training.freeze) == {"vision", "projector"}
     # the image tokens are brought to the text's scale once, where the language model starts to learn
-    assert [s.model.image_token_rms for s in stages] == [None, None, 0.5, None, None]
+    scales = [[p.options["rms"] for p in s.extensions if p.use.endswith(":TokenScale")] for s in stages]
+    assert scales == [[], [], [0.5], [], []]
+    # stage vision is the recipe's own trainer; the later stages add the recipe's losses in a fixed order
+    assert stages[0].trainer.use == "default_recipe.vision_stage:VisionStage"
+    assert [s.trainer for s in stages[1:]] == [None] * 4
+    losses = ["default_recipe.box_attention:BoxAttention", "default_recipe.token_relevance:TokenRelevance"]
+    assert [[p.use for p in s.extensions] for s in stages[3:]] == [losses, losses]
 
 
 def test_vision_probe_reads_the_stage_heads_slots_and_bins():
     probe = _load_recipe_script("vision_probe")
-    from dsvl2.train.dense import BOX_BINS, scene_labels
+    from default_recipe.vision_labels import BOX_BINS, scene_labels
 
     bins = torch.zeros(4, BOX_BINS)
     bins[0, 0] = bins[1, 3] = bins[2, 10] = bins[3, BOX_BINS - 1] = 1.0

@@ -191,32 +191,3 @@ def test_logits_mask_keeps_only_the_selected_positions(conf_dir) -> None:
     torch.testing.assert_close(some, full[keep], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="logits_mask"):
         model(input_ids, labels=input_ids, logits_mask=keep)
-
-
-@pytest.mark.parametrize("variant", ["tiny_like", "small_like"])  # multi-head and latent attention
-def test_attention_log_probs_are_the_weights_forward_applies(conf_dir, variant: str) -> None:
-    from dsvl2.language.model import causal_mask
-
-    model = load_model(conf_dir / variant)
-    attention = model.language.model.layers[1].self_attn
-    torch.manual_seed(0)
-    x = torch.randn(2, 12, model.cfg.language.hidden_size)
-    positions = torch.arange(12).expand(2, 12)
-    valid = torch.ones(2, 12, dtype=torch.long)
-    valid[1, 9:] = 0  # right padding in the second row
-    mask = causal_mask(positions, 12, valid)
-    rope = rotary_cos_sin(model.cfg.language, positions)
-    with torch.no_grad():
-        every = torch.arange(12)
-        log_probs = torch.stack([attention.attention_log_probs(x[r:r + 1], (rope[0][r:r + 1], rope[1][r:r + 1]),
-                                                               mask[r:r + 1], every) for r in range(2)])
-        some = attention.attention_log_probs(x[1:], (rope[0][1:], rope[1][1:]), mask[1:], torch.tensor([10, 4]))
-        expected = attention(x, rope, mask)
-        values = torch.stack([attention.head_values(x[r:r + 1]) for r in range(2)])  # [2, H, 12, dv]
-        mixed = (log_probs.exp() @ values).transpose(1, 2).reshape(2, 12, -1)
-        rebuilt = attention.o_proj(mixed)
-    assert log_probs.shape == (2, attention.n_heads, 12, 12)
-    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(2, attention.n_heads, 12), atol=1e-5)
-    assert torch.isinf(log_probs[0, :, 3, 4:]).all()  # causal: nothing from the future
-    assert torch.allclose(rebuilt, expected, atol=1e-5, rtol=1e-4)
-    assert torch.allclose(some, log_probs[1][:, [10, 4]], atol=1e-6)

@@ -134,27 +134,27 @@ def test_every_record_kind_loads(processor: Processor, tmp_path: Path, conf_dir:
     assert sample.images_spatial_crop.tolist() == [[1, 1]] * 3  # > 2 images: global views only, as official
 
 
-@pytest.mark.parametrize(("regions", "images", "error"), [
-    ([[10, 20, 30, 40]], 1, None), ([], 1, None),
-    ([[10, 20, 5, 40]], 1, "'regions' must be a list of"), ([[0, 0, 1000, 10]], 1, "'regions' must be a list of"),
-    ([[1, 2, 3]], 1, "'regions' must be a list of"), ("all", 1, "'regions' must be a list of"),
-    ([[1, 2, 3, 4]], 2, "'regions' needs a conversation with one image, this one has 2"),
-])
-def test_regions_are_checked_and_carried_into_the_batch(processor: Processor, conf_dir: Path, regions, images,
-                                                        error) -> None:
-    tags = "<image>\n" * images
-    record = {"messages": [{"role": "user", "content": f"{tags}How many?"}, {"role": "assistant", "content": "1"}],
-              "images": [str(conf_dir / "images" / "square.png")] * images, "regions": regions}
-    encoder = RecordEncoder(processor)
-    if error is not None:
-        with pytest.raises(SkipRecord, match=error) as caught:
-            encoder(json.dumps(record).encode(), Path("x.jsonl"))
-        assert caught.value.reason == "invalid_record"
-        return
+def _read_size(value, record: dict) -> int:
+    """A field reader: an integer size, refused (ValueError) when negative."""
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"'size' must be an integer >= 0, got {value!r}")
+    return value * len(record["messages"])
+
+
+def test_extra_fields_are_read_checked_and_carried_into_the_batch(processor: Processor, conf_dir: Path) -> None:
+    record = {"messages": [{"role": "user", "content": "<image>\nHow big?"}, {"role": "assistant", "content": "1"}],
+              "images": [str(conf_dir / "images" / "square.png")], "size": 3, "colour": "red"}
+    encoder = RecordEncoder(processor, fields={"size": _read_size})
     sample = encoder(json.dumps(record).encode(), Path("x.jsonl"))
-    text = encoder(json.dumps({"text": "no picture"}).encode(), Path("x.jsonl"))
-    batch = collate(processor, [sample, text])
-    assert batch.regions == [[tuple(box) for box in regions], None]
+    without = encoder(json.dumps({k: v for k, v in record.items() if k != "size"}).encode(), Path("x.jsonl"))
+    text = encoder(json.dumps({"text": "no picture", "size": 5}).encode(), Path("x.jsonl"))
+    batch = collate(processor, [sample, without, text])
+    assert batch.extras == [{"size": 6}, {}, {}]  # read with the record; keys without a reader stay out
+    assert batch.to("cpu").extras == batch.extras
+    assert RecordEncoder(processor)(json.dumps(record).encode(), Path("x.jsonl")).extras == {}
+    with pytest.raises(SkipRecord, match="'size' must be an integer >= 0, got -1") as caught:
+        encoder(json.dumps({**record, "size": -1}).encode(), Path("x.jsonl"))
+    assert caught.value.reason == "invalid_record"
 
 
 def test_collated_batch_is_padded_on_the_right(processor: Processor, text_dir: Path) -> None:

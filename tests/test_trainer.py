@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,13 @@ from dsvl2.checkpoint import load_model
 from dsvl2.engine.cache import KVCache
 from dsvl2.model import DeepseekVL2
 from dsvl2.processor import Processor
-from dsvl2.train import trainer as trainer_module
+from dsvl2.train import checkpoints as checkpoints_module
+from dsvl2.train.checkpoints import list_checkpoints
+from dsvl2.train.errors import TrainError
 from dsvl2.train.recipe import RecipeError, load_recipe, recipe_from_dict
 from dsvl2.train.stages import WarmupCosine, correction_bias_deltas, expert_counts, moe_layers, update_correction_bias
 from dsvl2.train.synthetic import generate_dataset
-from dsvl2.train.trainer import Trainer, TrainError, add_arguments, list_checkpoints, run
+from dsvl2.train.trainer import Trainer, add_arguments, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,6 +154,35 @@ def test_loss_is_the_token_mean_over_the_whole_global_batch(conf_dir: Path, data
     assert first[0]["loss"] == pytest.approx(float(reference), abs=1e-5)
 
 
+def test_aux_loss_is_averaged_over_the_accumulated_micro_batches(conf_dir: Path, tmp_path: Path) -> None:
+    """2 samples in one micro-batch or 1 in each of 2 accumulated ones, with the MoE balance loss (per sequence,
+    seq_aux) on and strong: the same losses and weights, since each micro-batch's aux loss counts 1/2."""
+    model = tmp_path / "aux_model"
+    shutil.copytree(conf_dir / "tiny_like", model)
+    config = json.loads((model / "config.json").read_text())
+    config["language_config"].update(aux_loss_alpha=0.5, seq_aux=True)
+    (model / "config.json").write_text(json.dumps(config))
+    tokenizer = Processor.from_pretrained(model).tokenizer
+    texts = [f"The number {n} is {word}." for n in range(10, 60) for word in ("odd", "even", "small")]
+    length = len(tokenizer.encode(texts[0]))
+    same = [text for text in texts if len(tokenizer.encode(text)) == length][:8]  # no padding in a micro-batch
+    assert len(same) == 8
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in same))
+    data = {"sources": [{"name": "t", "paths": [str(tmp_path / "text.jsonl")]}], "shuffle_buffer": 1,
+            "shuffle_shards": False}
+
+    def train(name: str, micro_batch_size: int, grad_accum: int) -> list[dict]:
+        recipe = _recipe(conf_dir, tmp_path, tmp_path / name, str(model), data=data,
+                         training={"steps": 3, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum})
+        return Trainer(recipe).train()
+
+    one, two = train("one", 2, 1), train("two", 1, 2)
+    assert all(r["aux_loss"] > 0.01 for r in one)
+    assert [r["aux_loss"] for r in two] == pytest.approx([r["aux_loss"] for r in one], abs=1e-6)
+    # Counted twice (not divided by the 2 micro-batches), the balance loss moves the router further: 0.01-0.1.
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+
+
 def test_activation_checkpointing_and_bfloat16(conf_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     def losses(name: str, **training) -> list[float]:
         recipe = _recipe(conf_dir, data_dir, tmp_path / name, "small_like", training={"steps": 2, **training})
@@ -173,6 +205,19 @@ def _write_yaml(path: Path, recipe_raw: dict) -> Path:
     return path
 
 
+def _crash_during_step(trainer, step: int):
+    """`trainer`, made to die (KeyboardInterrupt) while computing `step`, after every earlier step was logged."""
+    real_step = trainer.train_step
+
+    def train_step(*args, **kwargs):
+        if trainer.step + 1 == step:
+            raise KeyboardInterrupt(f"killed during step {step}")
+        return real_step(*args, **kwargs)
+
+    trainer.train_step = train_step
+    return trainer
+
+
 def test_resume_after_interruption_gives_the_same_losses(conf_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     raw = {
         "stage": "pretrain", "seed": 7,
@@ -183,22 +228,25 @@ def test_resume_after_interruption_gives_the_same_losses(conf_dir: Path, data_di
         "optimizer": {"lr": "2e-3"},
         "schedule": {"warmup_steps": 2},
         "training": {"steps": 6, "micro_batch_size": 1, "grad_accum": 2, "bias_update_rate": 0.01},
-        "output": {"dir": "straight", "save_every": 100, "log_every": 1, "progress": False},
+        "output": {"dir": "straight", "save_every": 2, "log_every": 1, "progress": False},
     }
     straight = Trainer(load_recipe(_write_yaml(tmp_path / "straight.yaml", raw))).train()
     raw["output"]["dir"] = "interrupted"
     path = _write_yaml(tmp_path / "interrupted.yaml", raw)
-    first = Trainer(load_recipe(path)).train(stop_at=3)  # "killed" after step 3's checkpoint
-    assert [c.name for _, c in list_checkpoints(tmp_path / "interrupted")] == ["checkpoint-0000003"]
+    first = _crash_during_step(Trainer(load_recipe(path)), 4)  # between the checkpoints of steps 2 and 4
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    log = tmp_path / "interrupted" / "log.jsonl"
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert [c.name for _, c in list_checkpoints(tmp_path / "interrupted")] == ["checkpoint-0000002"]
     with pytest.raises(TrainError, match="pass --resume"):
         Trainer(load_recipe(path))
-    second = Trainer(load_recipe(path), resume=True).train()
-    assert [r["step"] for r in first + second] == list(range(1, 7))
-    resumed = [r["loss"] for r in first + second]
-    assert resumed == pytest.approx([r["loss"] for r in straight], abs=1e-6, rel=0)
-    assert [r["expert_load"] for r in first + second] == [r["expert_load"] for r in straight]
-    logged = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "log.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 7))
+    second = Trainer(load_recipe(path), resume=True).train()  # trains step 3 again, then 4 to 6
+    assert [r["step"] for r in first.history + second] == [1, 2, 3, 3, 4, 5, 6]
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 7))  # every step exactly once: step 3 trimmed and redone
+    assert [r["loss"] for r in logged] == pytest.approx([r["loss"] for r in straight], abs=1e-6, rel=0)
+    assert [r["expert_load"] for r in logged] == [r["expert_load"] for r in straight]
     final_straight = load_model(tmp_path / "straight" / "checkpoint-0000006")
     final_resumed = load_model(tmp_path / "interrupted" / "checkpoint-0000006")
     for (name, a), (_, b) in zip(final_straight.named_parameters(), final_resumed.named_parameters(), strict=True):
@@ -244,7 +292,7 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(conf_dir: Path, data_
                                                            monkeypatch) -> None:
     recipe = _recipe(conf_dir, data_dir, tmp_path / "out", training={"steps": 4},
                      output={"save_every": 1, "keep_last": 2})
-    real_save = trainer_module.save_model
+    real_save = checkpoints_module.save_model
     calls = []
 
     def crashing_save(model, folder, config):
@@ -255,14 +303,14 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(conf_dir: Path, data_
                 handle.truncate(100)  # half-written weights, then the process dies
             raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(trainer_module, "save_model", crashing_save)
+    monkeypatch.setattr(checkpoints_module, "save_model", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         Trainer(recipe).train()
     out = tmp_path / "out"
     assert [c.name for _, c in list_checkpoints(out)] == ["checkpoint-0000001", "checkpoint-0000002"]
     assert (out / ".tmp-checkpoint-0000003").exists()  # the torn save never became a checkpoint
     load_model(out / "checkpoint-0000002")
-    monkeypatch.setattr(trainer_module, "save_model", real_save)
+    monkeypatch.setattr(checkpoints_module, "save_model", real_save)
     resumed = Trainer(recipe, resume=True)
     assert resumed.step == 2 and not (out / ".tmp-checkpoint-0000003").exists()
     resumed.train()

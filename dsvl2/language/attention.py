@@ -61,7 +61,7 @@ class MultiHeadAttention(nn.Module):
         absorbed: bool = False,  # multi-head layers have no latent to absorb into
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k = self._queries(x, rope), self._keys(x, rope).transpose(1, 2)
+        q, k = self.queries(x, rope), self.keys(x, rope).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, slots, positions, (k, v), mask.shape[-1])
@@ -72,29 +72,17 @@ class MultiHeadAttention(nn.Module):
         out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Per-head rotated queries [B, H, T, head_dim]."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(q, *rope, interleaved=False)
 
-    def _keys(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def keys(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Per-KV-head rotated keys [B, H_kv, T, head_dim]."""
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rotary(k, *rope, interleaved=False)
-
-    def attention_log_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                            positions: torch.Tensor) -> torch.Tensor:
-        """Log of the attention weights [H, Q, L] (float32) that `forward` gives the queries at `positions`
-        of one sequence x [1, L, D] (rope and mask of that sequence; no cache)."""
-        q = self._queries(x[:, positions], (rope[0][:, positions], rope[1][:, positions]))
-        k = self._keys(x, rope).repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        scores = torch.einsum("bhqd,bhld->bhql", q, k).float() * self.head_dim**-0.5
-        return scores.masked_fill(~mask[:, :, positions], float("-inf")).log_softmax(dim=-1)[0]
-
-    def head_values(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-head values [H, L, head_dim] of one sequence x [1, L, D]: what each head's weights average."""
-        v = self.v_proj(x[0]).view(x.shape[1], self.n_kv_heads, self.head_dim).transpose(0, 1)
-        return v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -135,15 +123,15 @@ class MultiHeadLatentAttention(nn.Module):
         absorbed: bool = False,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q_nope, q_pe = self._queries(x, rope)
-        latent, k_pe = self._latent(x, rope)
+        q_nope, q_pe = self.queries(x, rope)
+        latent, k_pe = self.latent(x, rope)
         if cache is not None:
             latent, k_pe = cache.update(self.layer, slots, positions, (latent, k_pe), mask.shape[-1])
         path = self.absorbed if absorbed else self.expanded
         out = path(q_nope, q_pe, latent, k_pe, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head queries [B, H, T, *]: the part without position and the rotary part."""
         b, t, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -151,34 +139,15 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_pe, *rope, interleaved=True)
 
-    def _latent(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache holds per token: the normed latent [B, T, rank] and the shared rotary key [B, T, r]."""
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(latent), apply_rotary(k_pe[:, None], *rope, interleaved=True)[:, 0]
 
-    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's weight per head, split into its key half [H, nope_dim, rank] and value half [H, v_dim, rank]."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.rank)
         return w.split([self.nope_dim, self.v_dim], dim=1)
-
-    def attention_log_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
-                            positions: torch.Tensor) -> torch.Tensor:
-        """Log of the attention weights [H, Q, L] (float32) that `forward` gives the queries at `positions`
-        of one sequence x [1, L, D] (rope and mask of that sequence; no cache). Scored in the latent space
-        as the absorbed path, so no per-head keys are made."""
-        q_nope, q_pe = self._queries(x[:, positions], (rope[0][:, positions], rope[1][:, positions]))
-        latent, k_pe = self._latent(x, rope)
-        w_k, _ = self._kv_b_weights()
-        q_latent = torch.einsum("bhqd,hdr->bhqr", q_nope, w_k)
-        scores = torch.einsum("bhqr,blr->bhql", q_latent, latent) + torch.einsum("bhqd,bld->bhql", q_pe, k_pe)
-        scores = (scores.float() * self.scale).masked_fill(~mask[:, :, positions], float("-inf"))
-        return scores.log_softmax(dim=-1)[0]
-
-    def head_values(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-head values [H, L, v_dim] of one sequence x [1, L, D]: what each head's weights average."""
-        latent = self.kv_a_layernorm(self.kv_a_proj_with_mqa(x[0])[:, : self.rank])
-        _, w_v = self._kv_b_weights()
-        return torch.einsum("lr,hvr->hlv", latent, w_v)
 
     def expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor
@@ -196,7 +165,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention in the latent space: kv_b_proj's key half is folded into the query and its
         value half applied after the weighted sum; returns [B, H, T, v_dim]."""
-        w_k, w_v = self._kv_b_weights()
+        w_k, w_v = self.kv_b_weights()
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
         scores = torch.einsum("bhtr,blr->bhtl", q_latent, latent) + torch.einsum("bhtd,bld->bhtl", q_pe, k_pe)
         scores = (scores.float() * self.scale).masked_fill(~mask, float("-inf"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,12 @@ class DecoderOutput:
     expert_indices: list[torch.Tensor]  # per MoE layer, [B*T, k]: the trainer logs expert load from these
 
 
+class LayerOutput(NamedTuple):
+    hidden: torch.Tensor
+    aux_loss: torch.Tensor | None  # MoE layers in training: the balance loss
+    expert_indices: torch.Tensor | None  # MoE layers: the routed experts, [B*T, k]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LanguageConfig, index: int) -> None:
         super().__init__()
@@ -33,13 +40,13 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, **attn_kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> LayerOutput:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, **attn_kwargs)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, aux, indices = self.mlp(h)
-            return x + out, aux, indices
-        return x + self.mlp(h), None, None
+            return LayerOutput(x + out, aux, indices)
+        return LayerOutput(x + self.mlp(h), None, None)
 
 
 def causal_mask(positions: torch.Tensor, key_len: int, key_valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,12 +9,11 @@ A shard is a JSON Lines file with one record per line, either a conversation
 or plain text `{"text": "..."}`, trained on as begin-of-sentence + tokens + end-of-sentence
 with every token in the loss (cut to `max_length`). Captions, OCR, VQA, grounding, grounded
 conversations and interleaved image-text (several `<image>` tags and images) are all
-conversations. A one-image conversation may name the boxes its question is about, `"regions":
-[[x1, y1, x2, y2], ...]` on the 0..999 grid (`[]`: about nothing in the image, as "how many red
-shapes?" of a picture without one); `training.token_relevance` learns from them. Other keys of a
-record are ignored. A bad record (invalid JSON, missing image
-file, wrong `<image>` count, undecodable image, too long, ...) is skipped, counted by reason
-and logged with its shard and line; it never stops a run.
+conversations. Other keys of a conversation are ignored unless the dataset is given a reader for
+them (`fields`, what a recipe's extensions read): their checked values travel in the sample's and the
+batch's `extras`. A bad record (invalid JSON, missing image file, wrong `<image>` count, undecodable
+image, too long, a field its reader refuses, ...) is skipped, counted by reason and logged with its
+shard and line; it never stops a run.
 
 How the stream is made and split. Each source reads its shards in a seeded order per epoch
 (the epochs never end) through a bounded shuffle buffer; a seeded RNG draws the source of each
@@ -36,7 +35,7 @@ import glob
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,22 +51,24 @@ from dsvl2.errors import (
     InputError,
     PromptTooLongError,
 )
-from dsvl2.grounding import GRID_MAX
 from dsvl2.processor import Batch, Processor, Sample
 
 logger = logging.getLogger(__name__)
 
 
+FieldReader = Callable[[Any, dict], Any]  # (the key's value, the whole record) -> checked value; ValueError if bad
+
+
 @dataclass
 class TrainSample(Sample):
-    """A `Sample` with what only training reads of its record."""
+    """A `Sample` with the values of its record's extra fields (those the dataset has readers for)."""
 
-    regions: list[tuple[int, int, int, int]] | None = None  # the record's `regions`; None if it names none
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrainBatch(Batch):
-    regions: list[list[tuple[int, int, int, int]] | None] = field(default_factory=list)  # per row
+    extras: list[dict[str, Any]] = field(default_factory=list)  # per row
 
 SKIP_REASONS = (
     "bad_json", "invalid_record", "missing_image", "image_count", "image_decode", "image_too_large", "too_long",
@@ -260,9 +261,11 @@ class MixtureStream:
 class RecordEncoder:
     """A raw JSON line to a training `Sample`, or SkipRecord naming why it cannot be one."""
 
-    def __init__(self, processor: Processor, max_length: int | None = None) -> None:
+    def __init__(self, processor: Processor, max_length: int | None = None,
+                 fields: Mapping[str, FieldReader] | None = None) -> None:
         self.processor = processor
         self.max_length = max_length if max_length is not None else processor.context_length
+        self.fields = dict(fields or {})
 
     def __call__(self, text: bytes, shard_path: Path) -> Sample:
         try:
@@ -302,7 +305,7 @@ class RecordEncoder:
         for path in paths:
             if not path.is_file():
                 raise SkipRecord("missing_image", f"image file {path} does not exist")
-        regions = record_regions(record, len(paths))
+        extras = self.extras(record)
         try:
             sample = self.processor.encode(record["messages"], paths, inference=False, max_length=self.max_length)
         except ImageCountError as exc:
@@ -315,33 +318,24 @@ class RecordEncoder:
             raise SkipRecord("too_long", str(exc)) from None
         except InputError as exc:
             raise SkipRecord("invalid_record", str(exc)) from None
-        return TrainSample(**vars(sample), regions=regions)
+        return TrainSample(**vars(sample), extras=extras)
+
+    def extras(self, record: dict) -> dict[str, Any]:
+        """The checked values of the record's keys that have a reader."""
+        extras = {}
+        for key, read in self.fields.items():
+            if key in record:
+                try:
+                    extras[key] = read(record[key], record)
+                except ValueError as exc:
+                    raise SkipRecord("invalid_record", str(exc)) from None
+        return extras
 
 
 def collate(processor: Processor, samples: Sequence[Sample]) -> TrainBatch:
     """Training batch: samples padded on the right (labels ignore_id there) by `processor.batch`."""
     batch = processor.batch(samples, padding="right")
-    return TrainBatch(**vars(batch), regions=[getattr(sample, "regions", None) for sample in samples])
-
-
-def record_regions(record: dict, image_count: int) -> list[tuple[int, int, int, int]] | None:
-    """The record's `regions`, checked; None when it has none."""
-    regions = record.get("regions")
-    if regions is None:
-        return None
-    if image_count != 1:
-        raise SkipRecord("invalid_record", f"'regions' needs a conversation with one image, this one has {image_count}")
-    if not isinstance(regions, list) or not all(_is_box(box) for box in regions):
-        raise SkipRecord("invalid_record", "'regions' must be a list of [x1, y1, x2, y2] boxes with "
-                         f"0 <= x1 <= x2 <= {GRID_MAX} and 0 <= y1 <= y2 <= {GRID_MAX}")
-    return [tuple(box) for box in regions]
-
-
-def _is_box(box: Any) -> bool:
-    if not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int) for v in box):
-        return False
-    x1, y1, x2, y2 = box
-    return 0 <= x1 <= x2 <= GRID_MAX and 0 <= y1 <= y2 <= GRID_MAX
+    return TrainBatch(**vars(batch), extras=[getattr(sample, "extras", {}) for sample in samples])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,6 +420,7 @@ class TrainDataset(IterableDataset):
         shuffle_shards: bool = True,
         max_length: int | None = None,
         max_consecutive_bad: int = 1000,
+        fields: Mapping[str, FieldReader] | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -445,6 +440,7 @@ class TrainDataset(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.max_length = max_length
         self.max_consecutive_bad = max_consecutive_bad
+        self.fields = dict(fields or {})
         self.resume_states: dict[int, dict[str, Any]] = {}
         self.rotation = 0  # logical worker of physical worker 0
 
@@ -459,7 +455,7 @@ class TrainDataset(IterableDataset):
             for i, (s, shards) in enumerate(zip(self.sources, self.shards, strict=True))
         ]
         mixture = MixtureStream(streams, [s.weight for s in self.sources], self.seed)
-        encoder = RecordEncoder(self.processor, self.max_length)
+        encoder = RecordEncoder(self.processor, self.max_length, self.fields)
         owner = worker * self.world_size + self.rank
         return WorkerStream(mixture, encoder, self.shards, self.batch_size, owner,
                             self.world_size * self.workers_per_rank, self.max_consecutive_bad)

@@ -4,13 +4,20 @@ Every relative path in a recipe is taken relative to the folder of the YAML file
 and its data can move together. Unknown keys are errors (a typo must not silently fall back
 to a default), and every error names the offending key.
 
+A recipe may plug its own code into a stage: `extensions` (losses and set-up through the interface of
+`dsvl2.train.extension`) and `trainer` (a class that replaces `dsvl2.train.trainer.Trainer` for the
+stage: built as `Class(recipe, resume=..., **options)`, with `train(stop_at=None)` returning the step
+records). `use` names the class as "module.path:ClassName"; the entry's other keys are the keyword
+arguments it is built with. The module is imported with the recipe file's folder first on sys.path
+(it stays there, so data-loader workers find it too), so a recipe's code can sit beside its YAML
+files. A module that does not import, or an option the class does not take, is an error naming the entry.
+
     stage: sft                    # vision | align | pretrain | sft
     seed: 0
     model:
       checkpoint: ../ckpt/tiny    # start from these weights, or
       # config: model.json        # a config.json path or an inline dict: fresh weights
       processor: null             # tokenizer + processor_config.json folder (default: checkpoint)
-      image_token_rms: null       # scale the image tokens to this RMS at the start (dsvl2.train.token_scale)
     data:
       sources:
         - {name: vl, paths: [data/vl/*.jsonl], weight: 0.7}
@@ -18,21 +25,26 @@ to a default), and every error names the offending key.
     optimizer: {lr: 2.0e-5, module_lr: {projector: 1.0e-4}}
     schedule: {warmup_steps: 100}
     training: {steps: 1000, micro_batch_size: 2, grad_accum: 8, dtype: bfloat16}
-    # optional: training.box_attention: {layer: 2, heads: [0], weight: 1.0, choice_weight: 0.0,
-    #                                    teacher_forced: false} (see dsvl2.train.box_attention)
-    # optional: training.token_relevance: {layer: 1, weight: 1.0} (see dsvl2.train.token_relevance)
     output: {dir: runs/sft, save_every: 500}
+    # optional: extensions: [{use: "my_recipe.losses:BoxLoss", weight: 0.5, layer: 2}]
+    # optional: trainer: {use: "my_recipe.stage:MyStage", steps_per_image: 2}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import os
+import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dsvl2.train.extension import Extension
 
 STAGES = ("vision", "align", "pretrain", "sft")
 MODULE_GROUPS = ("vision", "projector", "language")
@@ -51,7 +63,6 @@ class ModelSection:
     config: Path | dict | None = None  # a config.json (path or dict) for fresh weights
     processor: Path | None = None  # tokenizer + processor_config.json; default: checkpoint
     init_std: float = 0.02  # std of the fresh weights (config only)
-    image_token_rms: float | None = None  # scale the image tokens to this RMS at the start (token_scale.py)
 
 
 @dataclass(frozen=True)
@@ -89,25 +100,6 @@ class ScheduleSection:
 
 
 @dataclass(frozen=True)
-class BoxAttentionSection:
-    """`dsvl2.train.box_attention`: pull `heads` of decoder layer `layer` onto the region each box answer names."""
-
-    layer: int
-    heads: tuple[int, ...] = (0,)
-    weight: float = 1.0  # relative to the mean next-token loss
-    choice_weight: float = 0.0  # extra weight of the positions before the box's first digit (where it is chosen)
-    teacher_forced: bool = False  # the heads' outputs at the box are forced onto it while training
-
-
-@dataclass(frozen=True)
-class TokenRelevanceSection:
-    """`dsvl2.train.token_relevance`: decoder layer `layer`'s image tokens learn whether the question is about them."""
-
-    layer: int
-    weight: float = 1.0  # relative to the mean next-token loss
-
-
-@dataclass(frozen=True)
 class TrainingSection:
     steps: int = 1000  # optimiser steps
     micro_batch_size: int = 1  # samples per forward, per rank
@@ -120,9 +112,6 @@ class TrainingSection:
     bias_update_rate: float = 1e-3  # noaux_tc: e_score_correction_bias step per optimiser step
     strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
     device: str = "auto"  # auto: cuda if available, else cpu
-    box_attention: BoxAttentionSection | None = None
-    token_relevance: TokenRelevanceSection | None = None
-    text_micro_batch_size: int = 0  # stage vision: images of text per step, besides micro_batch_size scenes
 
 
 @dataclass(frozen=True)
@@ -145,12 +134,74 @@ class TrainRecipe:
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    extensions: tuple[Plugin, ...] = ()  # built fresh by each trainer (`Plugin.build`)
+    trainer: Plugin | None = None  # None: dsvl2.train.trainer.Trainer
     source: Path | None = None  # the YAML file it came from
     raw: dict = field(default_factory=dict)  # the parsed YAML, saved with checkpoints
 
-    @property
-    def global_micro_batches(self) -> int:
-        return self.training.micro_batch_size * self.training.grad_accum
+
+# --------------------------------------------------------------------------------------------------
+# A recipe's own code
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A class a recipe names (`use`) and the keyword arguments (`options`) it is built with."""
+
+    use: str
+    options: dict
+    where: str  # the recipe entry, for messages
+    factory: Callable[..., Any] = field(compare=False, repr=False)
+
+    def build(self, *args: Any, **kwargs: Any) -> Any:
+        """A fresh instance; the class's refusal of a value (ValueError) is a RecipeError naming the entry."""
+        try:
+            return self.factory(*args, **kwargs, **self.options)
+        except ValueError as exc:
+            raise RecipeError(f"{self.where} ({self.use}): {exc}") from exc
+
+
+def _plugin(raw: Any, where: str, base_dir: Path, positional: tuple = (), keyword: dict | None = None) -> Plugin:
+    """Import the class an entry names and check that it takes the entry's options (besides
+    `positional` and `keyword`, the arguments its caller passes)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("use"), str):
+        raise RecipeError(f"{where} must be a mapping with `use: \"module.path:ClassName\"`, got {raw!r}")
+    use = raw["use"]
+    module_name, _, class_name = use.partition(":")
+    if not module_name or not class_name:
+        raise RecipeError(f"{where}.use must be \"module.path:ClassName\", got {use!r}")
+    if sys.path[:1] != [str(base_dir)]:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RecipeError(f"{where}: cannot import {module_name} (looked first in {base_dir}): {exc}") from exc
+    factory = getattr(module, class_name, None)
+    if not isinstance(factory, type):
+        raise RecipeError(f"{where}: {module_name} has no class {class_name}")
+    options = {key: value for key, value in raw.items() if key != "use"}
+    try:
+        inspect.signature(factory).bind(*positional, **(keyword or {}), **options)
+    except TypeError as exc:
+        raise RecipeError(f"{where} ({use}): {exc}") from None
+    return Plugin(use, options, where, factory)
+
+
+def _extensions(raw: Any, base_dir: Path) -> tuple[Plugin, ...]:
+    if not isinstance(raw, list):
+        raise RecipeError(f"extensions must be a list of entries, got {type(raw).__name__}")
+    plugins = tuple(_plugin(entry, f"extensions[{i}]", base_dir) for i, entry in enumerate(raw))
+    names: dict[str, str] = {}
+    for plugin in plugins:
+        if not issubclass(plugin.factory, Extension):
+            raise RecipeError(f"{plugin.where}: {plugin.use} is not a dsvl2.train.extension.Extension")
+        plugin.build()  # its own checks of the values, now rather than when training starts
+        name = plugin.factory.name
+        if name in names:
+            raise RecipeError(f"{plugin.where}: {plugin.use} logs as {name!r}, like {names[name]}")
+        names[name] = plugin.where
+    return plugins
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,8 +301,6 @@ def _check(recipe: TrainRecipe) -> None:
         raise RecipeError("model: give exactly one of checkpoint (existing weights) or config (fresh weights)")
     if model.checkpoint is None and model.processor is None:
         raise RecipeError("model.processor is required with model.config (where the tokenizer files are)")
-    if model.image_token_rms is not None and model.image_token_rms <= 0:
-        raise RecipeError(f"model.image_token_rms must be > 0, got {model.image_token_rms}")
     if not recipe.data.sources:
         raise RecipeError("data.sources must list at least one source")
     names = [s.name for s in recipe.data.sources]
@@ -291,26 +340,6 @@ def _check(recipe: TrainRecipe) -> None:
         raise RecipeError("optimizer.lr and optimizer.module_lr values must be > 0")
     if not 0 <= recipe.schedule.min_lr_ratio <= 1:
         raise RecipeError(f"schedule.min_lr_ratio must be in [0, 1], got {recipe.schedule.min_lr_ratio}")
-    box = recipe.training.box_attention
-    if box is not None and (box.layer < 0 or not box.heads or min(box.heads) < 0 or box.weight <= 0
-                            or box.choice_weight < 0):
-        raise RecipeError("training.box_attention needs layer >= 0, a non-empty list of heads >= 0, weight > 0 and "
-                          f"choice_weight >= 0, got layer {box.layer}, heads {list(box.heads)}, weight {box.weight}, "
-                          f"choice_weight {box.choice_weight}")
-    if box is not None and box.teacher_forced and recipe.training.activation_checkpointing:
-        # The recomputed forward would run without the forcing, and the gradients would not match the loss.
-        raise RecipeError("training.box_attention.teacher_forced cannot be combined with "
-                          "training.activation_checkpointing")
-    relevance = recipe.training.token_relevance
-    if relevance is not None and (relevance.layer < 0 or relevance.weight <= 0):
-        raise RecipeError(f"training.token_relevance needs layer >= 0 and weight > 0, got layer {relevance.layer}, "
-                          f"weight {relevance.weight}")
-    if recipe.training.text_micro_batch_size and recipe.stage != "vision":
-        raise RecipeError("training.text_micro_batch_size is a setting of stage vision, not of stage "
-                          f"{recipe.stage}")
-    if recipe.training.text_micro_batch_size < 0:
-        raise RecipeError("training.text_micro_batch_size must be >= 0, got "
-                          f"{recipe.training.text_micro_batch_size}")
     if recipe.training.device not in ("auto", "cpu") and not recipe.training.device.startswith("cuda"):
         raise RecipeError(f"training.device is {recipe.training.device!r}; expected auto, cpu or cuda[:N]")
 
@@ -319,8 +348,13 @@ def recipe_from_dict(raw: dict, base_dir: str | Path = ".", source: Path | None 
     """Parse a recipe mapping; relative paths are resolved against `base_dir`."""
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe is a mapping of sections, got {type(raw).__name__}")
-    recipe = _section(TrainRecipe, raw, "", Path(base_dir).resolve(), skip=("source", "raw"))
-    recipe = dataclasses.replace(recipe, source=source, raw=raw)
+    base_dir = Path(base_dir).resolve()
+    plugins = ("extensions", "trainer")
+    recipe = _section(TrainRecipe, {k: v for k, v in raw.items() if k not in plugins}, "", base_dir,
+                      skip=("source", "raw", *plugins))
+    extensions = _extensions(raw.get("extensions", []), base_dir)
+    trainer = _plugin(raw["trainer"], "trainer", base_dir, (None,), {"resume": False}) if "trainer" in raw else None
+    recipe = dataclasses.replace(recipe, extensions=extensions, trainer=trainer, source=source, raw=raw)
     module_lr = {}
     for group, value in recipe.optimizer.module_lr.items():
         try:

@@ -6,11 +6,9 @@ with `training.strategy: fsdp`; gloo on the CPU, NCCL on GPUs). Each optimiser s
 mean cross-entropy over the whole global batch (the sum over every rank's answer tokens divided
 by their global count), so any split of the same global batch gives the same loss and gradients.
 
-Checkpoints (`OUTPUT/checkpoint-NNNNNNN/`) have the layout `dsvl2` loads (config.json,
-model.safetensors, tokenizer files, processor_config.json) plus `trainer_state.pt` (optimiser,
-scheduler, data position and RNG states of every rank), so `--resume` continues the same loss
-curve. A checkpoint is written to a temporary folder, synced to disk and renamed, so a crash
-while saving leaves the previous one intact; the last `keep_last` are kept.
+Checkpoints (`dsvl2.train.checkpoints`) hold the optimiser, scheduler, data position and RNG
+states of every rank, so `--resume` continues the same loss curve. A recipe's extensions
+(`dsvl2.train.extension`) add their losses to the step; a recipe's `trainer` replaces this one.
 """
 
 from __future__ import annotations
@@ -20,15 +18,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
-import re
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,13 +31,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dsvl2.checkpoint import load_model, save_model
-from dsvl2.config import ConfigError, load_json, model_config_from_dict
-from dsvl2.model import DeepseekVL2, init_weights
+from dsvl2.model import DeepseekVL2
 from dsvl2.processor import Batch, Processor
-from dsvl2.train.box_attention import BoxTarget, box_attention_loss, box_targets, force_box_attention
-from dsvl2.train.data import SKIP_REASONS, DataError, DataSource, TrainDataset, TrainLoader
-from dsvl2.train.recipe import BoxAttentionSection, RecipeError, TokenRelevanceSection, TrainRecipe, load_recipe
+from dsvl2.train.checkpoints import (
+    CHECKPOINT_PREFIX,
+    LOG_FILE,
+    STATE_FILE,
+    NamedTensors,
+    remove_stale_staging,
+    resumable_checkpoint,
+    truncate_log,
+    write_checkpoint,
+)
+from dsvl2.train.data import SKIP_REASONS, DataError, DataSource, TrainBatch, TrainDataset, TrainLoader
+from dsvl2.train.distributed import Distributed, setup_distributed
+from dsvl2.train.errors import TrainError
+from dsvl2.train.extension import Extension, FieldReader
+from dsvl2.train.recipe import RecipeError, TrainRecipe, load_recipe
 from dsvl2.train.stages import (
     build_optimizer,
     build_scheduler,
@@ -55,198 +60,9 @@ from dsvl2.train.stages import (
     trainable_groups,
     update_correction_bias,
 )
-from dsvl2.train.token_relevance import batch_relevance_labels, token_relevance_loss
-from dsvl2.train.token_scale import scale_image_tokens
+from dsvl2.train.start import initial_model, load_processor
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.pt"
-SCALE_BATCHES = 4  # micro-batches per rank that measure the image tokens for model.image_token_rms
-LOG_FILE = "log.jsonl"
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or continue; the message says why."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Processes
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Distributed:
-    """This process's place: one process (no process group), or one rank under torchrun."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    enabled: bool
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            tensor = tensor.to(self.device)
-            dist.all_reduce(tensor)
-        return tensor.cpu()
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's `value`, in rank order, on every rank."""
-        if not self.enabled:
-            return [value]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, value)
-        return out
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def pick_device(setting: str, local_rank: int) -> torch.device:
-    if setting == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"training.device is {setting} but CUDA is not available")
-    if setting == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(setting)
-
-
-def setup_distributed(device_setting: str = "auto") -> Distributed:
-    """Join the process group that torchrun describes in the environment; alone without one."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
-    device = pick_device(device_setting, local_rank)
-    if not launched:
-        return Distributed(0, 1, device, enabled=False)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), device, enabled=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint folders
-# --------------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (those with a trainer state) in step order."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for path in output_dir.iterdir():
-        match = _CHECKPOINT_NAME.match(path.name)
-        if match and path.is_dir() and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit_checkpoint(staging: Path, final: Path) -> None:
-    """Make a fully written staging folder the checkpoint `final`, durably and atomically."""
-    for file in staging.rglob("*"):
-        if file.is_file():
-            _fsync_path(file)
-    _fsync_path(staging)
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():  # only when a step is saved twice; the rename below is the atomic switch
-        os.rename(final, old)
-    os.rename(staging, final)
-    _fsync_path(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(path)
-
-
-def remove_stale_staging(output_dir: Path) -> None:
-    """Folders of saves that crashed before their rename."""
-    if output_dir.is_dir():
-        for path in output_dir.iterdir():
-            if path.is_dir() and path.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(path)
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log records of steps after the checkpoint, which the resumed run trains again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def resumable_checkpoint(output_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint a run in `output_dir` continues from; an error if one exists and `resume` is off."""
-    found = latest_checkpoint(output_dir)
-    if found is not None and not resume:
-        raise TrainError(f"{output_dir} already holds checkpoints (latest {found.name}); "
-                         "pass --resume to continue, or choose another output.dir")
-    if resume and found is None:
-        logger.info("no checkpoint in %s: starting from step 0", output_dir)
-    return found
-
-
-def load_processor(source: str | Path) -> Processor:
-    try:
-        return Processor.from_pretrained(source)
-    except (OSError, ConfigError, KeyError) as exc:
-        raise TrainError(f"cannot load the tokenizer and processor from {source}: {exc}") from exc
-
-
-def write_checkpoint(output_dir: Path, step: int, weights: Any, model_config: dict, processor_source: Path,
-                     state: dict[str, Any], keep_last: int) -> Path:
-    """Write `checkpoint-<step>` atomically: the weights in the released layout (anything with
-    `named_parameters`), the processor files of `processor_source`, and the training `state`."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
-    staging = output_dir / f".tmp-{final.name}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    save_model(weights, staging, model_config)
-    for name in PROCESSOR_FILES:
-        if (processor_source / name).is_file():
-            shutil.copyfile(processor_source / name, staging / name)
-    torch.save(state, staging / STATE_FILE)
-    commit_checkpoint(staging, final)
-    prune_checkpoints(output_dir, keep_last)
-    return final
-
-
-class _NamedTensors:
-    """A full state dict that `save_model` can write (it only calls `named_parameters`)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self.tensors.items())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,98 +70,48 @@ class _NamedTensors:
 # --------------------------------------------------------------------------------------------------
 
 
-def initial_model(recipe: TrainRecipe, checkpoint: Path | None = None) -> tuple[DeepseekVL2, dict]:
-    """The float32 model to train and its config.json dict: from `checkpoint` when resuming, else
-    from the recipe's checkpoint, else freshly initialised from the recipe's config."""
-    source = checkpoint or recipe.model.checkpoint
-    try:
-        if source is not None:
-            raw = load_json(Path(source) / "config.json")
-            model = load_model(source, dtype=torch.float32, device="cpu")
-        else:
-            config = recipe.model.config
-            raw = dict(config) if isinstance(config, dict) else load_json(config)
-            model = DeepseekVL2(model_config_from_dict(raw))
-            init_weights(model, std=recipe.model.init_std, seed=recipe.seed)
-    except (ConfigError, OSError, ValueError) as exc:
-        raise TrainError(f"cannot build the model: {exc}") from exc
-    raw = {**raw, "torch_dtype": "float32"}  # what save_model writes
-    return model, raw
+class LossOutput(NamedTuple):
+    """One micro-batch's forward: the summed next-token cross-entropy, the MoE auxiliary loss, the
+    routed experts of every MoE layer and, per extension, its (loss, metrics) or None."""
+
+    ce_sum: torch.Tensor
+    aux_loss: torch.Tensor | None
+    expert_indices: list[torch.Tensor]
+    extensions: list[tuple[torch.Tensor, dict[str, float]] | None]
 
 
 class LossModule(nn.Module):
-    """The training forward as one module (what DDP and FSDP2 wrap): the summed next-token
-    cross-entropy of the batch, the MoE auxiliary loss, the routed experts and, with `box_attention`,
-    the box-attention loss and attention mass of `dsvl2.train.box_attention` and, with `token_relevance`,
-    the loss and accuracy of `dsvl2.train.token_relevance` (each None without targets).
+    """The training forward as one module (what DDP and FSDP2 wrap): the `LossOutput` of a batch,
+    with each extension's loss computed from its targets after the model's forward.
 
     With `touch_all`, a micro-batch without images still runs the vision tower on one blank
     tile, times zero: every rank then has a gradient (zero) for the same parameters, which DDP
     without unused-parameter search and FSDP2's collectives need.
     """
 
-    def __init__(self, model: DeepseekVL2, touch_all: bool = False,
-                 box_attention: BoxAttentionSection | None = None,
-                 token_relevance: TokenRelevanceSection | None = None) -> None:
+    def __init__(self, model: DeepseekVL2, touch_all: bool = False, extensions: tuple[Extension, ...] = ()) -> None:
         super().__init__()
         self.model = model
         self.touch_all = touch_all
-        self.box_attention = box_attention
-        self.token_relevance = token_relevance
-        self._attention_inputs: tuple = ()
-        self._layer_output: torch.Tensor | None = None
-        self._box_targets: list[BoxTarget] = []
-        if box_attention is not None:
-            attention = model.language.model.layers[box_attention.layer].self_attn
-            attention.register_forward_hook(self._box_attention_hook)
-        if token_relevance is not None:
-            layer = model.language.model.layers[token_relevance.layer]
-            layer.register_forward_hook(self._token_relevance_hook)
-
-    def _token_relevance_hook(self, layer: nn.Module, args: tuple, output: tuple) -> None:
-        self._layer_output = output[0]  # the decoder layer's hidden states
-
-    def _box_attention_hook(self, attention: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        # The layer's inputs (normed hidden states, rotary tables, mask) give its attention weights.
-        self._attention_inputs = args
-        if self.box_attention is not None and self.box_attention.teacher_forced and self._box_targets:
-            return force_box_attention(attention, *args[:3], output, self._box_targets, self.box_attention.heads)
-        return None
+        self.extensions = extensions
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 images: torch.Tensor, images_seq_mask: torch.Tensor, images_spatial_crop: torch.Tensor,
-                box_targets: list[BoxTarget] | None = None,
-                relevance: list[tuple[int, list[int], torch.Tensor]] | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], torch.Tensor | None,
-                           torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                targets: list[Any] | None = None) -> LossOutput:
         model = self.model
         embeds = model.embed_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
         if self.touch_all and not bool(images_spatial_crop.any()):
             blank = images.new_zeros(1, *images.shape[2:])
             unused = model.encode_tiles(blank).sum() + model.image_newline.sum() + model.view_seperator.sum()
             embeds = embeds + 0.0 * unused.to(embeds.dtype)
-        targets = labels[:, 1:]
-        predicts = F.pad(targets != -100, (0, 1))  # positions whose next token is a label
-        self._box_targets = box_targets or []
-        try:
-            out = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_mask=predicts)
-        finally:
-            self._box_targets = []
-        ce_sum = F.cross_entropy(out.logits.float(), targets[targets != -100], reduction="sum")
-        box_loss = box_mass = None
-        if self.box_attention is not None and box_targets:
-            attention = model.language.model.layers[self.box_attention.layer].self_attn
-            x, rope, mask = self._attention_inputs[:3]
-            box_loss, mass = box_attention_loss(attention, x, rope, mask, box_targets, self.box_attention.heads,
-                                                self.box_attention.choice_weight)
-            box_mass = torch.tensor(mass)
-        relevance_loss = relevance_accuracy = None
-        if self.token_relevance is not None and relevance:
-            scored = token_relevance_loss(self._layer_output, relevance)
-            if scored is not None:
-                relevance_loss, relevance_accuracy = scored[0], torch.tensor(scored[1])
-        self._attention_inputs, self._layer_output = (), None
-        return ce_sum, out.aux_loss, out.expert_indices, box_loss, box_mass, relevance_loss, relevance_accuracy
+        shifted = labels[:, 1:]
+        predicts = F.pad(shifted != -100, (0, 1))  # positions whose next token is a label
+        out = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_mask=predicts)
+        ce_sum = F.cross_entropy(out.logits.float(), shifted[shifted != -100], reduction="sum")
+        targets = targets or [None] * len(self.extensions)
+        scored = [None if target is None else extension.loss(target)
+                  for extension, target in zip(self.extensions, targets, strict=True)]
+        return LossOutput(ce_sum, out.aux_loss, out.expert_indices, scored)
 
 
 def _fsdp_wrap(loss_module: LossModule, dist_info: Distributed) -> nn.Module:
@@ -360,6 +126,20 @@ def _fsdp_wrap(loss_module: LossModule, dist_info: Distributed) -> nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(loss_module, mesh=mesh)
     return loss_module
+
+
+def _extension_log(extensions: tuple[Extension, ...], totals: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """`<name>_loss` and `<name>_<metric>` of every extension with a loss: sums over ranks and micro-batches
+    (the last entry counts those that had targets) divided by that count."""
+    record = {}
+    for extension, total in zip(extensions, totals, strict=True):
+        if not extension.has_loss:
+            continue
+        count = max(float(total[-1]), 1.0)
+        record[f"{extension.name}_loss"] = float(total[0]) / count
+        for name, value in zip(extension.metrics, total[1:-1].tolist(), strict=True):
+            record[f"{extension.name}_{name}"] = value / count
+    return record
 
 
 def _batch_inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
@@ -409,8 +189,8 @@ class Trainer:
 
     def __init__(self, recipe: TrainRecipe, resume: bool = False) -> None:
         if recipe.stage == "vision":
-            raise TrainError("stage vision trains on per-patch labels: run it with dsvl2.train.dense.VisionStage "
-                             "(`dsvl2 train` does)")
+            raise TrainError("stage vision has no next-token loss: its recipe names the trainer that teaches the "
+                             "vision tower (`trainer: {use: ...}`), which `dsvl2 train` runs")
         self.recipe = recipe
         self.output_dir = Path(recipe.output.dir)
         self.dist = setup_distributed(recipe.training.device)
@@ -432,10 +212,7 @@ class Trainer:
         cfg = self.model.cfg.language
         self.n_experts = cfg.n_routed_experts or 0
         self.noaux = cfg.is_moe and cfg.topk_method == "noaux_tc"
-        self.box_attention = self._check_box_attention()
-        self.token_relevance = self._check_token_relevance()
-        if resume_from is None and recipe.model.image_token_rms is not None:
-            self._scale_image_tokens(recipe.model.image_token_rms)
+        self.extensions = self._extensions(resume_from is None)
         self.engine = self._wrap()
         # FSDP2 replaces the parameters by sharded ones: the optimiser must hold those.
         self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
@@ -478,58 +255,46 @@ class Trainer:
             sources, self.processor, recipe.training.micro_batch_size, seed=recipe.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
             shuffle_shards=data.shuffle_shards, max_length=data.max_length,
-            max_consecutive_bad=data.max_consecutive_bad,
+            max_consecutive_bad=data.max_consecutive_bad, fields=self._fields(),
         )
 
-    def _scale_image_tokens(self, rms: float) -> None:
-        """`model.image_token_rms`: measured on the stage's first micro-batches, drawn from a loader of
-        their own so that training still starts with them."""
+    def _extensions(self, fresh: bool) -> tuple[Extension, ...]:
+        """The recipe's extensions, attached to the model and, on a fresh start, begun."""
+        extensions = tuple(plugin.build() for plugin in self.recipe.extensions)
+        for extension in extensions:
+            extension.attach(self.model, self.processor)
+        if fresh and extensions:
+            self.model.to(self.dist.device)
+            for extension in extensions:
+                batches = self._first_batches()
+                try:
+                    extension.begin(self.model, batches, self.dist.all_reduce_sum)
+                finally:
+                    batches.close()
+        return extensions
+
+    def _first_batches(self) -> Iterator[TrainBatch]:
+        """The stage's first micro-batches (on the device), from a loader of their own so that training
+        still starts with them; the loader and its workers end when the iterator is closed."""
         loader = TrainLoader(self._dataset())
-        batches = [next(loader).to(self.dist.device) for _ in range(SCALE_BATCHES)]
-        del loader  # its worker processes end with it
         try:
-            factor = scale_image_tokens(self.model.to(self.dist.device), batches, rms, self.dist.all_reduce_sum)
-        except ValueError as exc:
-            raise TrainError(str(exc)) from exc
-        if self.dist.is_main:
-            logger.info("image tokens scaled by %.4g to RMS %g", factor, rms)
+            while True:
+                yield next(loader).to(self.dist.device)
+        finally:
+            loader.close()
 
-    def _check_box_attention(self) -> BoxAttentionSection | None:
-        box = self.recipe.training.box_attention
-        if box is None:
-            return None
-        self._require_layer("box_attention", box.layer)
-        cfg = self.model.cfg.language
-        if max(box.heads) >= cfg.num_attention_heads:
-            raise TrainError(f"training.box_attention.heads {list(box.heads)} name a head >= the "
-                             f"{cfg.num_attention_heads} attention heads of the language model")
-        self._require_global_view_first("box_attention")
-        return box
-
-    def _require_layer(self, option: str, layer: int) -> None:
-        layers = self.model.cfg.language.num_hidden_layers
-        if layer >= layers:
-            raise TrainError(f"training.{option}.layer is {layer} but the language model has "
-                             f"{layers} layers (0..{layers - 1})")
-
-    def _require_global_view_first(self, option: str) -> None:
-        # image_token_centres and the global-view tokens follow the layout with the global view first.
-        if self.model.cfg.global_view_pos != "head":
-            raise TrainError(f"training.{option} needs global_view_pos 'head' (the global view's tokens "
-                             f"first); the model's config has {self.model.cfg.global_view_pos!r}")
-
-    def _check_token_relevance(self) -> TokenRelevanceSection | None:
-        relevance = self.recipe.training.token_relevance
-        if relevance is None:
-            return None
-        self._require_layer("token_relevance", relevance.layer)
-        self._require_global_view_first("token_relevance")
-        return relevance
+    def _fields(self) -> dict[str, FieldReader]:
+        """The record fields the extensions read; two readers of one key must be the same."""
+        fields: dict[str, FieldReader] = {}
+        for plugin in self.recipe.extensions:
+            for key, read in plugin.factory.fields.items():
+                if fields.setdefault(key, read) is not read:
+                    raise TrainError(f"two extensions read the record field {key!r} in different ways")
+        return fields
 
     def _wrap(self) -> nn.Module:
         distributed = self.dist.enabled
-        loss_module = LossModule(self.model, touch_all=distributed, box_attention=self.box_attention,
-                                 token_relevance=self.token_relevance)
+        loss_module = LossModule(self.model, touch_all=distributed, extensions=self.extensions)
         if distributed:
             keep_idle_experts_in_graph(self.model)
         if not distributed:
@@ -576,37 +341,33 @@ class Trainer:
         scale = self.dist.world_size / max(loss_tokens, 1.0)  # DDP/FSDP average over ranks
         ce_total = torch.zeros((), dtype=torch.float64)
         aux_total = torch.zeros((), dtype=torch.float64)
-        box_total = torch.zeros(3, dtype=torch.float64)  # box-attention loss, mass, micro-batches with a box
-        relevance_total = torch.zeros(3, dtype=torch.float64)  # token-relevance loss, accuracy, micro-batches
+        # Per extension: its loss, each of its metrics, and the micro-batches that had targets.
+        extension_totals = [torch.zeros(len(e.metrics) + 2, dtype=torch.float64) for e in self.extensions]
         counts = torch.zeros(len(self.moe), self.n_experts, dtype=torch.float64)
         self.engine.train()
         for i, batch in enumerate(batches):
             inputs = _batch_inputs(batch, device)
-            if self.box_attention is not None or self.token_relevance is not None:
-                inputs["box_targets"] = box_targets(batch, self.processor.tokenizer, self.processor.tile_size,
-                                                    self.processor.tokens_per_side)
-            if self.token_relevance is not None:
-                inputs["relevance"] = batch_relevance_labels(batch, inputs["box_targets"], self.processor.tile_size,
-                                                             self.processor.tokens_per_side)
+            if self.extensions:
+                inputs["targets"] = [extension.targets(batch) for extension in self.extensions]
             with self._sync_gradients(i == len(batches) - 1), self.autocast:
-                ce_sum, aux, indices, box_loss, box_mass, relevance_loss, relevance_accuracy = self.engine(**inputs)
-                loss = ce_sum * scale
-                if aux is not None and recipe.training.aux_loss:
-                    loss = loss + aux / len(batches)
-                if box_loss is not None:
-                    loss = loss + self.box_attention.weight * box_loss / len(batches)
-                    box_total += torch.stack([box_loss.detach().double().cpu(), box_mass.double(),
-                                              torch.ones((), dtype=torch.float64)])
-                if relevance_loss is not None:
-                    loss = loss + self.token_relevance.weight * relevance_loss / len(batches)
-                    relevance_total += torch.stack([relevance_loss.detach().double().cpu(),
-                                                    relevance_accuracy.double(), torch.ones((), dtype=torch.float64)])
+                out = self.engine(**inputs)
+                loss = out.ce_sum * scale
+                if out.aux_loss is not None and recipe.training.aux_loss:
+                    loss = loss + out.aux_loss / len(batches)
+                for extension, total, scored in zip(self.extensions, extension_totals, out.extensions, strict=True):
+                    if scored is None:
+                        continue
+                    extension_loss, metrics = scored
+                    loss = loss + extension.weight * extension_loss / len(batches)
+                    total += torch.tensor([float(extension_loss.detach()), *(metrics[m] for m in extension.metrics),
+                                           1.0], dtype=torch.float64)
             loss.backward()
-            ce_total += ce_sum.detach().double().cpu()
-            if aux is not None:
-                aux_total += aux.detach().double().cpu() / len(batches)
+            ce_total += out.ce_sum.detach().double().cpu()
+            if out.aux_loss is not None:
+                aux_total += out.aux_loss.detach().double().cpu() / len(batches)
             if self.moe:
-                counts += expert_counts([ix.detach() for ix in indices], self.n_experts, batch.attention_mask)
+                counts += expert_counts([ix.detach() for ix in out.expert_indices], self.n_experts,
+                                        batch.attention_mask)
         params = self._params()
         for param in params:  # an unused parameter steps like one with a zero gradient on every path
             if param.grad is None:
@@ -616,9 +377,12 @@ class Trainer:
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        reduced = self.dist.all_reduce_sum(torch.cat([ce_total.view(1), aux_total.view(1), box_total,
-                                                      relevance_total, counts.reshape(-1)]))
-        counts = reduced[8:].view_as(counts)
+        reduced = self.dist.all_reduce_sum(torch.cat([ce_total.view(1), aux_total.view(1), *extension_totals,
+                                                      counts.reshape(-1)]))
+        ce_reduced, aux_reduced = float(reduced[0]), float(reduced[1])
+        extension_reduced = reduced[2:2 + sum(len(t) for t in extension_totals)].split(
+            [len(t) for t in extension_totals])
+        counts = reduced[2 + sum(len(t) for t in extension_totals):].view_as(counts)
         if self.noaux and "language" in self.trainable and recipe.training.bias_update_rate > 0:
             update_correction_bias(self.model, counts.float(), recipe.training.bias_update_rate)
         self.step += 1
@@ -627,13 +391,9 @@ class Trainer:
         load = (counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)).tolist() if self.moe else []
         return {
             "step": self.step,
-            "loss": float(reduced[0]) / max(loss_tokens, 1.0),
-            "aux_loss": float(reduced[1]) / self.dist.world_size,
-            **({"box_attention_loss": float(reduced[2]) / max(float(reduced[4]), 1.0),
-                "box_attention_mass": float(reduced[3]) / max(float(reduced[4]), 1.0)} if self.box_attention else {}),
-            **({"token_relevance_loss": float(reduced[5]) / max(float(reduced[7]), 1.0),
-                "token_relevance_accuracy": float(reduced[6]) / max(float(reduced[7]), 1.0)}
-               if self.token_relevance else {}),
+            "loss": ce_reduced / max(loss_tokens, 1.0),
+            "aux_loss": aux_reduced / self.dist.world_size,
+            **_extension_log(self.extensions, extension_reduced),
             "lr": lrs,
             "grad_norm": grad_norm,
             "loss_tokens": int(loss_tokens),
@@ -762,7 +522,7 @@ class Trainer:
         rng_states = self.dist.gather(capture_rng())
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:07d}"
         if self.dist.is_main:
-            weights = _NamedTensors(model_state) if model_state is not None else self.model
+            weights = NamedTensors(model_state) if model_state is not None else self.model
             state = {
                 "step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
                 "recipe": self.recipe.raw, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
@@ -813,12 +573,11 @@ def run(args: argparse.Namespace) -> int:
     """Train as the parsed arguments say; returns an exit code (2 for a bad recipe or data)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main_rank = True
     try:
         recipe = load_recipe(args.config)
-        if recipe.stage == "vision":
-            from dsvl2.train.dense import VisionStage  # it builds on this module
-
-            trainer: Trainer | VisionStage = VisionStage(recipe, resume=args.resume)
+        if recipe.trainer is not None:  # the recipe's own trainer for this stage
+            trainer = recipe.trainer.build(recipe, resume=args.resume)
         else:
             trainer = Trainer(recipe, resume=args.resume)
         history = trainer.train(stop_at=getattr(args, "stop_at", None))
@@ -827,8 +586,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         if dist.is_initialized():
+            main_rank = dist.get_rank() == 0
             dist.destroy_process_group()
-    if history and (recipe.stage == "vision" or trainer.dist.is_main):
+    if history and main_rank:
         last = history[-1]
         print(f"trained to step {last['step']}: loss {last['loss']:.4f}; checkpoints in {recipe.output.dir}")
     return 0

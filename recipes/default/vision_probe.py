@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from default_recipe.vision_heads import TokenHeads
+from default_recipe.vision_labels import BOX_BINS, COLOURS, IGNORE, MAX_COUNT, group_by_token, patch_labels
 
 from dsvl2.checkpoint import load_model
 from dsvl2.eval.metrics import HIT_IOU, box_iou, parse_det_boxes
 from dsvl2.images import load_image
-from dsvl2.train.dense import BOX_BINS, COLOURS, IGNORE, MAX_COUNT, TokenHeads, group_by_token, patch_labels
+from dsvl2.train.checkpoints import STATE_FILE
+from dsvl2.train.start import load_processor
 from dsvl2.train.synthetic import SHAPE_KINDS
-from dsvl2.train.trainer import STATE_FILE, load_processor
 
 
 def box_from_bins(probabilities: torch.Tensor) -> list[float]:
