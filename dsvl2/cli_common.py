@@ -10,9 +10,13 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dsvl2.errors import InputError
+
+if TYPE_CHECKING:
+    from dsvl2.engine.generate import Engine
+    from dsvl2.engine.sampling import SamplingParams
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +41,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def sampling_from_args(args: argparse.Namespace) -> Any:
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     """The validated `SamplingParams` of the sampling options."""
     from dsvl2.engine.sampling import SamplingParams
 
@@ -49,7 +53,7 @@ def sampling_from_args(args: argparse.Namespace) -> Any:
     return sampling
 
 
-def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = True) -> Any:
+def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = True) -> Engine:
     """The engine on the model options' checkpoint (the bundled default model without --model)."""
     from dsvl2.engine.generate import Engine
 
