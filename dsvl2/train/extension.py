@@ -26,9 +26,7 @@ import torch
 
 from dsvl2.model import DeepseekVL2
 from dsvl2.processor import Processor
-from dsvl2.train.data import TrainBatch
-
-FieldReader = Callable[[Any, dict], Any]
+from dsvl2.train.data import FieldReader, TrainBatch
 
 
 class Extension:

@@ -43,10 +43,10 @@ from dsvl2.train.checkpoints import (
     truncate_log,
     write_checkpoint,
 )
-from dsvl2.train.data import SKIP_REASONS, DataError, DataSource, TrainBatch, TrainDataset, TrainLoader
+from dsvl2.train.data import SKIP_REASONS, DataError, DataSource, FieldReader, TrainBatch, TrainDataset, TrainLoader
 from dsvl2.train.distributed import Distributed, setup_distributed
 from dsvl2.train.errors import TrainError
-from dsvl2.train.extension import Extension, FieldReader
+from dsvl2.train.extension import Extension
 from dsvl2.train.recipe import RecipeError, TrainRecipe, load_recipe
 from dsvl2.train.stages import (
     build_optimizer,
