@@ -117,9 +117,9 @@ def test_an_extension_is_attached_begun_once_and_logged_by_name(conf_dir: Path, 
 
 def test_a_recipe_trainer_replaces_the_library_one(conf_dir: Path, data_dir: Path, tmp_path: Path, capsys) -> None:
     path = _recipe_file(tmp_path / "t", conf_dir, data_dir, trainer={"use": "my_recipe_code:Hello", "greeting": "hi"})
-    import my_recipe_code
-
     assert run(argparse.Namespace(config=path, resume=False, stop_at=None)) == 0
+    import my_recipe_code  # imported by the run, from beside the recipe file
+
     assert my_recipe_code.EVENTS[-1] == "hi"
     assert "trained to step 1: loss 0.5000" in capsys.readouterr().out
 

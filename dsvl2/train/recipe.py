@@ -275,17 +275,20 @@ def _convert(value: Any, annotation: Any, where: str, base_dir: Path) -> Any:
     raise RecipeError(f"{where}: unsupported field type {annotation!r}")  # pragma: no cover
 
 
-def _section(cls: type, raw: Any, where: str, base_dir: Path, skip: tuple[str, ...] = ()) -> Any:
+def _section(cls: type, raw: Any, where: str, base_dir: Path, skip: tuple[str, ...] = (),
+             parsed_elsewhere: tuple[str, ...] = ()) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(fields)}")
+        raise RecipeError(f"{where or 'recipe'}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(fields)}")
     kwargs = {}
     for name, spec in fields.items():
         key = f"{where}.{name}" if where else name
+        if name in parsed_elsewhere:
+            continue
         if name in raw:
             kwargs[name] = _convert(raw[name], hints[name], key, base_dir)
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
@@ -349,9 +352,8 @@ def recipe_from_dict(raw: dict, base_dir: str | Path = ".", source: Path | None 
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe is a mapping of sections, got {type(raw).__name__}")
     base_dir = Path(base_dir).resolve()
-    plugins = ("extensions", "trainer")
-    recipe = _section(TrainRecipe, {k: v for k, v in raw.items() if k not in plugins}, "", base_dir,
-                      skip=("source", "raw", *plugins))
+    recipe = _section(TrainRecipe, raw, "", base_dir, skip=("source", "raw"),
+                      parsed_elsewhere=("extensions", "trainer"))
     extensions = _extensions(raw.get("extensions", []), base_dir)
     trainer = _plugin(raw["trainer"], "trainer", base_dir, (None,), {"resume": False}) if "trainer" in raw else None
     recipe = dataclasses.replace(recipe, extensions=extensions, trainer=trainer, source=source, raw=raw)
