@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance_data import REQUIRE_ENV, conformance_dir, missing_requirements, requirements_required
+
+from tests.conformance_data import REQUIRE_ENV, conformance_dir, missing_requirements, requirements_required
 
 
 def pytest_configure(config: pytest.Config) -> None:

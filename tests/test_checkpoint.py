@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from dsvl2.checkpoint import CheckpointError, build_model, load_model, save_model
 from dsvl2.config import ConfigError, load_model_config, model_config_from_dict, model_config_to_dict
 from dsvl2.model import init_weights
+from tests.conformance_data import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RELEASED = REPO.parent / "shared" / "released_configs"
 
 # Parameter counts and tensor counts of the released checkpoints.

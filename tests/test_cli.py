@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conformance_data import conformance_dir, conformance_variants
 from PIL import Image
-from test_engine import ScriptedModel, expected_tokens, image_path, model_and_processor
 
 from dsvl2 import cli
 from dsvl2.engine.generate import Engine, Request
 from dsvl2.engine.sampling import SamplingParams
+from tests.conformance_data import conformance_dir, conformance_variants
+from tests.engine.test_generate import ScriptedModel, expected_tokens, image_path, model_and_processor
 
 VARIANTS = conformance_variants()
 pytestmark = [pytest.mark.skipif(not VARIANTS, reason=f"no conformance fixtures at {conformance_dir()}"),

@@ -11,12 +11,12 @@ from functools import cache
 
 import pytest
 import torch
-from conformance_data import conformance_cases, conformance_dir, conformance_variants
 from safetensors.torch import load_file
 
 from dsvl2.checkpoint import load_model
 from dsvl2.language.moe import MoE
 from dsvl2.model import DeepseekVL2
+from tests.conformance_data import conformance_cases, conformance_dir, conformance_variants
 
 VARIANTS = conformance_variants()
 CASES = list(conformance_cases())

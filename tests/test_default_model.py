@@ -17,8 +17,8 @@ from dsvl2.defaults import default_model_dir
 from dsvl2.eval.metrics import box_iou, parse_det_boxes
 from dsvl2.tokenizer import Tokenizer
 from dsvl2.train.synthetic import generate_dataset
+from tests.conformance_data import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "default"
 SPECIAL_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image>", "<|ref|>",
                   "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>")
@@ -207,7 +207,7 @@ def test_recipe_stages_chain_from_vision_to_sft():
     names = ("vision", "align", "warmup", "pretrain", "sft")
     stages = [load_recipe(RECIPE / f"{name}.yaml") for name in names]
     assert [s.stage for s in stages] == ["vision", "align", "pretrain", "pretrain", "sft"]
-    script = (RECIPE.parent.parent / "scripts" / "train_default_model.sh").read_text()
+    script = (REPO / "scripts" / "train_default_model.sh").read_text()
     assert f"for stage in {' '.join(names)}; do" in script
     assert stages[0].model.checkpoint is None and stages[0].model.config is not None
     for before, after in zip(stages, stages[1:], strict=False):

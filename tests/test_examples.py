@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from PIL import Image
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from tests.conformance_data import REPO
+
+EXAMPLES = REPO / "examples"
 
 
 def test_example_images_are_small_pngs():

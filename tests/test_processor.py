@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,9 @@ from dsvl2.errors import ImageCountError, InputError, PromptTooLongError
 from dsvl2.images import load_image
 from dsvl2.processor import Processor, with_image_tags
 from dsvl2.tokenizer import Tokenizer
+from tests.conformance_data import conformance_dir
 
-CONFORMANCE = Path(
-    os.environ.get("DSVL2_CONFORMANCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "conformance")
-)
+CONFORMANCE = conformance_dir()
 VARIANTS = ("tiny_like", "small_like", "base_like")
 CASES = (
     json.loads((CONFORMANCE / "processor_cases.json").read_text())

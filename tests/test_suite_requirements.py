@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conformance_data import (
+from tests.conformance_data import (
     FIXTURE_FILES,
     FIXTURE_VARIANTS,
     REPO,

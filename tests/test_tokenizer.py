@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from dsvl2.tokenizer import Tokenizer
+from tests.conformance_data import conformance_dir
 
-CONFORMANCE = Path(
-    os.environ.get("DSVL2_CONFORMANCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "conformance")
-)
+CONFORMANCE = conformance_dir()
 TOKENIZER_DIR = CONFORMANCE / "tokenizer"
 MIXED_TEXT = "图片中的文字是什么？ café naïve Ünïcödé 😀👍🏽 日本語のテキスト ½ € ﬁ"
 
@@ -117,7 +115,6 @@ def test_from_dir_without_tokenizer_json_fails_clearly(tmp_path: Path) -> None:
 
 def test_stream_decoder_releases_invalid_bytes_instead_of_holding_them_forever() -> None:
     """A run of tokens that never forms valid UTF-8 must still stream, a few tokens late at most."""
-    from conformance_data import conformance_dir
 
     directory = conformance_dir() / "tokenizer"
     if not directory.exists():

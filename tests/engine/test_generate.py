@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conformance_data import conformance_cases, conformance_dir, conformance_variants
 from safetensors.torch import load_file
 
 from dsvl2.checkpoint import load_model
@@ -25,6 +24,7 @@ from dsvl2.engine.sampling import SamplingParams
 from dsvl2.errors import ImageCountError, ImageDecodeError, InputError, PromptTooLongError
 from dsvl2.language.moe import MLP
 from dsvl2.processor import Processor
+from tests.conformance_data import conformance_cases, conformance_dir, conformance_variants
 
 VARIANTS = conformance_variants()
 CASES = conformance_cases()

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conformance_data import CHROMIUM
+
+from tests.conformance_data import CHROMIUM
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -15,6 +15,7 @@ from dsvl2.errors import InputError
 from dsvl2.eval import runner
 from dsvl2.eval.runner import ItemResult
 from dsvl2.train.synthetic import generate_dataset
+from tests.conformance_data import REPO
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -228,7 +229,7 @@ def default_report() -> dict:
 
 def readme_scores() -> dict[str, float]:
     """task -> the score column of the README's table of the default model."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| ([A-Za-z ]+?) \| [^|]+ \| ([0-9.]+)[^|]* \| [^|]+ \|$", text, re.MULTILINE)
     return {name.lower().replace(" ", "_"): float(score) for name, score in rows}
 

@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from conformance_data import conformance_dir
 
 from dsvl2.checkpoint import load_model
 from dsvl2.engine.generate import Engine, Request
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.processor import Processor
+from tests.conformance_data import conformance_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,3 +59,20 @@ def test_image_embeddings_must_fill_the_image_tokens(conf_dir) -> None:
     one_token = [torch.zeros(1, model.cfg.language.hidden_size)]
     with pytest.raises(ValueError, match="2 image-token positions but the images give 1 embeddings"):
         model.embed_with_images(torch.tensor([[1, 2, 3, 4]]), mask, one_token)
+
+
+def test_logits_mask_keeps_only_the_selected_positions(conf_dir) -> None:
+    model = load_model(conf_dir / "tiny_like", dtype=torch.float32).eval()
+    input_ids = torch.randint(10, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding
+    keep = torch.zeros_like(input_ids, dtype=torch.bool)
+    keep[0, [2, 5]] = True
+    keep[1, 8] = True
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask).logits
+        some = model(input_ids, attention_mask=attention_mask, logits_mask=keep).logits
+    assert some.shape == (3, full.shape[-1])
+    torch.testing.assert_close(some, full[keep], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_mask"):
+        model(input_ids, labels=input_ids, logits_mask=keep)

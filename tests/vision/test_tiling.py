@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -23,10 +20,9 @@ from dsvl2.vision.tiling import (
     tile_counts,
     tokens_per_tile_side,
 )
+from tests.conformance_data import conformance_dir
 
-CONFORMANCE = Path(
-    os.environ.get("DSVL2_CONFORMANCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "conformance")
-)
+CONFORMANCE = conformance_dir()
 # The released models' candidate list (also in every conformance processor_config.json).
 RELEASED_CANDIDATES = (
     (384, 384), (384, 768), (768, 384), (384, 1152), (1152, 384), (384, 1536), (1536, 384), (768, 768),

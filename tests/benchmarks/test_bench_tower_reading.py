@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,9 @@ from dsvl2.config import load_model_config
 from dsvl2.defaults import default_model_dir
 from dsvl2.processor import Processor
 from dsvl2.projector import stitch_tiles
+from tests.conformance_data import REPO
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tower_reading.py"
+SCRIPT = REPO / "benchmarks" / "bench_tower_reading.py"
 
 
 def load_bench():

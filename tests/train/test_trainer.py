@@ -23,6 +23,7 @@ from dsvl2.train.recipe import RecipeError, load_recipe, recipe_from_dict
 from dsvl2.train.stages import WarmupCosine, correction_bias_deltas, expert_counts, moe_layers, update_correction_bias
 from dsvl2.train.synthetic import generate_dataset
 from dsvl2.train.trainer import Trainer, add_arguments, run
+from tests.conformance_data import REPO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -402,7 +403,7 @@ def test_command_line_trains_and_reports_bad_recipes(conf_dir: Path, data_dir: P
 
 
 def test_example_recipes_are_valid() -> None:
-    folder = Path(__file__).resolve().parents[1] / "recipes" / "train"
+    folder = REPO / "recipes" / "train"
     recipes = {path.stem: load_recipe(path) for path in sorted(folder.glob("*.yaml"))}
     assert {"align", "pretrain", "sft"} <= set(recipes)
     for name in ("align", "pretrain", "sft"):

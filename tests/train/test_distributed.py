@@ -17,8 +17,8 @@ from dsvl2.train.data import MixtureStream, ShardStream, find_shards
 from dsvl2.train.recipe import load_recipe
 from dsvl2.train.synthetic import generate_dataset
 from dsvl2.train.trainer import Trainer
+from tests.conformance_data import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 SEED = 1
 WEIGHTS = (0.3, 0.7)  # vl, text

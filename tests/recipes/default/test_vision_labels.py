@@ -29,8 +29,9 @@ from dsvl2.projector import pixel_shuffle
 from dsvl2.tokenizer import Tokenizer
 from dsvl2.train.errors import TrainError
 from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, _font, char_boxes, generate_dataset
+from tests.conformance_data import REPO
 
-RECIPE_MODEL = Path(__file__).resolve().parent.parent / "recipes" / "default" / "model.json"
+RECIPE_MODEL = REPO / "recipes" / "default" / "model.json"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

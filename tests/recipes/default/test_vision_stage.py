@@ -24,8 +24,9 @@ from dsvl2.train.errors import TrainError
 from dsvl2.train.recipe import RecipeError, load_recipe
 from dsvl2.train.synthetic import generate_dataset
 from dsvl2.train.trainer import Trainer, run
+from tests.conformance_data import REPO
 
-RECIPE_MODEL = Path(__file__).resolve().parent.parent / "recipes" / "default" / "model.json"
+RECIPE_MODEL = REPO / "recipes" / "default" / "model.json"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

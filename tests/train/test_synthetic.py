@@ -31,10 +31,11 @@ from dsvl2.train.synthetic import (
     main,
 )
 from dsvl2.vision.tiling import select_tile_grid
+from tests.conformance_data import REPO
 
 N_SAMPLES = 4 * sum(TASK_WEIGHTS.values())  # four full task cycles: every task appears at least 4 times
 SEED = 1234
-RECIPE_MODEL = Path(__file__).resolve().parents[1] / "recipes" / "default" / "model.json"
+RECIPE_MODEL = REPO / "recipes" / "default" / "model.json"
 
 
 def _read_records(folder: Path, split: str = "train") -> list[dict]:

@@ -6,12 +6,13 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reader.py"
+from tests.conformance_data import REPO
+
+SCRIPT = REPO / "benchmarks" / "bench_reader.py"
 
 
 def load_bench():
