@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dsvl2.checkpoint import load_model
-from dsvl2.config import ConfigError, load_json, model_config_from_dict
+from dsvl2.config import ConfigError, ModelFolder, load_json, model_config_from_dict
 from dsvl2.model import DeepseekVL2, init_weights
 from dsvl2.processor import Processor
 from dsvl2.train.errors import TrainError
@@ -20,8 +20,9 @@ def initial_model(recipe: TrainRecipe, checkpoint: Path | None = None) -> tuple[
     source = checkpoint or recipe.model.checkpoint
     try:
         if source is not None:
-            raw = load_json(Path(source) / "config.json")
-            model = load_model(source, dtype=torch.float32, device="cpu")
+            folder = ModelFolder.read(source)
+            raw = folder.raw_config
+            model = load_model(folder, dtype=torch.float32, device="cpu")
         else:
             config = recipe.model.config
             raw = dict(config) if isinstance(config, dict) else load_json(config)
