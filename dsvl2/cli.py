@@ -311,6 +311,9 @@ COMMANDS: list[Command] = [
     Command("train", "fine-tune or train from scratch", "dsvl2.train.trainer"),
     Command("eval", "run the evaluation suites", "dsvl2.eval.runner"),
     Command("data synth", "write a synthetic vision-language dataset", "dsvl2.train.synthetic"),
+    Command("data check", "read every record and image of a recipe's data (or --data files) and report problems",
+            "dsvl2.train.check"),
+    Command("data convert", "write LLaVA, ShareGPT or parquet records as dsvl2 JSON Lines", "dsvl2.train.convert"),
 ]
 
 

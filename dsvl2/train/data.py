@@ -31,8 +31,7 @@ from it yields exactly the batches the interrupted one would have yielded next.
 
 from __future__ import annotations
 
-import glob
-import json
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +51,16 @@ from dsvl2.errors import (
     PromptTooLongError,
 )
 from dsvl2.processor import Batch, Processor, Sample
+from dsvl2.train.formats import (
+    DataError,
+    Payload,
+    SkipRecord,
+    conversation,
+    detect_format,
+    find_shards,
+    parse_record,
+    shard_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,50 +87,21 @@ STATE_VERSION = 1
 _SHARD_ORDER_STREAM, _BUFFER_STREAM, _MIXTURE_STREAM = 1, 2, 3
 
 
-class DataError(ValueError):
-    """The data cannot be trained on at all (no shards, nothing usable, an incompatible resume state)."""
-
-
-class SkipRecord(Exception):
-    """A record that cannot become a sample; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class DataSource:
     name: str
-    paths: tuple[str | Path, ...]  # JSON Lines files, glob patterns or folders of *.jsonl
+    paths: tuple[str | Path, ...]  # data files, glob patterns or folders (see formats.find_shards)
     weight: float = 1.0
+    format: str = "auto"  # one of formats.FORMATS
+    image_root: Path | None = None  # image paths are relative to it (default: each file's folder)
 
 
 @dataclass(frozen=True)
 class RawRecord:
     source: int
     shard: int  # index into the source's shard list
-    line: int  # 0-based line number in the shard
-    text: bytes
-
-
-def find_shards(paths: Sequence[str | Path]) -> list[Path]:
-    """Shard files of a source: files as given, folders as their sorted *.jsonl, globs expanded sorted."""
-    shards: list[Path] = []
-    for entry in paths:
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(path.glob("*.jsonl"))
-        elif glob.has_magic(str(path)):
-            found = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
-        elif path.is_file():
-            found = [path]
-        else:
-            raise DataError(f"{path} does not exist")
-        if not found:
-            raise DataError(f"{path} matches no .jsonl file")
-        shards.extend(found)
-    return list(dict.fromkeys(shards))
+    line: int  # 0-based record number in the shard (a JSON Lines line, array element or parquet row)
+    text: Payload
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,12 +125,13 @@ class ShardStream:
         self._rng = np.random.default_rng([seed, source_index, _BUFFER_STREAM])
         self.epoch = 0
         self.cursor = 0  # index into this epoch's shard order
-        self.line = 0  # next line of the current shard
-        self.offset = 0  # its byte offset
+        self.line = 0  # next record of the current shard
+        self.offset = 0  # its position in the file (see formats)
         self.lines_this_epoch = 0
-        self.buffer: list[tuple[int, int, bytes]] = []
+        self.buffer: list[tuple[int, int, Payload]] = []
         self._order = self._epoch_order(0)
-        self._file = None
+        self.files = [shard_file(path) for path in self.shards]
+        self._records: Iterator[tuple[int, int, Payload]] | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if not self.shuffle_shards:
@@ -169,24 +150,21 @@ class ShardStream:
             self.cursor = self.lines_this_epoch = 0
             self._order = self._epoch_order(self.epoch)
 
-    def _read_line(self) -> tuple[int, int, bytes]:
+    def _read_line(self) -> tuple[int, int, Payload]:
         while True:
             shard = self._order[self.cursor]
-            if self._file is None:
-                self._file = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open across calls
-                self._file.seek(self.offset)
-            raw = self._file.readline()
-            if not raw:
+            if self._records is None:
+                self._records = self.files[shard].records(self.shards[shard], self.line, self.offset)
+            found = next(self._records, None)
+            if found is None:
                 self._next_shard()
                 continue
-            line = self.line
-            self.line += 1
-            self.offset += len(raw)
-            if raw.strip():  # blank lines are no records
-                self.lines_this_epoch += 1
-                return shard, line, raw
+            line, self.offset, payload = found
+            self.line = line + 1
+            self.lines_this_epoch += 1
+            return shard, line, payload
 
-    def next(self) -> tuple[int, int, bytes]:
+    def next(self) -> tuple[int, int, Payload]:
         if self.buffer_size <= 1:
             return self._read_line()
         while len(self.buffer) < self.buffer_size:
@@ -197,15 +175,18 @@ class ShardStream:
         return record
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._records is not None:
+            self._records.close()  # closes the file the generator holds
+            self._records = None
 
     def state_dict(self) -> dict[str, Any]:
+        # Records of files that do not keep their payload (parquet rows, with image bytes) are saved by position.
+        buffer = [(shard, line, payload if self.files[shard].keeps_payload else None)
+                  for shard, line, payload in self.buffer]
         return {
             "shards": [str(s) for s in self.shards], "epoch": self.epoch, "cursor": self.cursor,
             "line": self.line, "offset": self.offset, "lines_this_epoch": self.lines_this_epoch,
-            "buffer": list(self.buffer), "rng": self._rng.bit_generator.state,
+            "buffer": buffer, "rng": self._rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,7 +196,8 @@ class ShardStream:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.line, self.offset = state["line"], state["offset"]
         self.lines_this_epoch = state["lines_this_epoch"]
-        self.buffer = list(state["buffer"])
+        self.buffer = [(shard, line, self.files[shard].fetch(self.shards[shard], line) if payload is None else payload)
+                       for shard, line, payload in state["buffer"]]
         self._rng.bit_generator.state = state["rng"]
         self._order = self._epoch_order(self.epoch)
 
@@ -259,7 +241,7 @@ class MixtureStream:
 
 
 class RecordEncoder:
-    """A raw JSON line to a training `Sample`, or SkipRecord naming why it cannot be one."""
+    """A raw record (JSON text or parquet row) to a training `Sample`, or SkipRecord naming why it cannot be one."""
 
     def __init__(self, processor: Processor, max_length: int | None = None,
                  fields: Mapping[str, FieldReader] | None = None) -> None:
@@ -267,15 +249,18 @@ class RecordEncoder:
         self.max_length = max_length if max_length is not None else processor.context_length
         self.fields = dict(fields or {})
 
-    def __call__(self, text: bytes, shard_path: Path) -> Sample:
-        try:
-            record = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SkipRecord("bad_json", f"not valid JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise SkipRecord("invalid_record", f"a record is a JSON object, got {type(record).__name__}")
+    def __call__(self, payload: Payload, shard_path: Path, format: str = "dsvl2",
+                 image_root: Path | None = None) -> Sample:
+        record = parse_record(payload)
+        folder = image_root if image_root is not None else shard_path.parent
+        if format != "dsvl2":
+            messages, images = conversation(record, format)
+            return self.conversation(record, messages, images, folder)
         if "messages" in record:
-            return self.conversation(record, shard_path.parent)
+            images = record.get("images") or []
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise SkipRecord("invalid_record", "'images' must be a list of path strings")
+            return self.conversation(record, record["messages"], images, folder)
         if "text" in record:
             return self.plain_text(record["text"])
         raise SkipRecord("invalid_record", "a record needs 'messages' (a conversation) or 'text'")
@@ -297,17 +282,15 @@ class RecordEncoder:
             pixel_values=torch.zeros((0, 3, size, size), dtype=torch.float32),
         )
 
-    def conversation(self, record: dict, folder: Path) -> Sample:
-        images = record.get("images") or []
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise SkipRecord("invalid_record", "'images' must be a list of path strings")
-        paths = [folder / p for p in images]
-        for path in paths:
-            if not path.is_file():
-                raise SkipRecord("missing_image", f"image file {path} does not exist")
+    def conversation(self, record: dict, messages: Any, images: Sequence[str | bytes], folder: Path) -> Sample:
+        """`images`: paths relative to `folder`, or encoded image bytes."""
+        sources = [image if isinstance(image, bytes) else folder / image for image in images]
+        for source in sources:
+            if isinstance(source, Path) and not source.is_file():
+                raise SkipRecord("missing_image", f"image file {source} does not exist")
         extras = self.extras(record)
         try:
-            sample = self.processor.encode(record["messages"], paths, inference=False, max_length=self.max_length)
+            sample = self.processor.encode(messages, sources, inference=False, max_length=self.max_length)
         except ImageCountError as exc:
             raise SkipRecord("image_count", str(exc)) from None
         except ImageDecodeError as exc:
@@ -347,10 +330,12 @@ class WorkerStream:
     """The micro-batches of one data-loader worker of one rank: its chunks of the global stream."""
 
     def __init__(self, mixture: MixtureStream, encoder: RecordEncoder, shard_paths: Sequence[Sequence[Path]],
-                 batch_size: int, owner: int, num_owners: int, max_consecutive_bad: int = 1000) -> None:
+                 sources: Sequence[DataSource], batch_size: int, owner: int, num_owners: int,
+                 max_consecutive_bad: int = 1000) -> None:
         self.mixture = mixture
         self.encoder = encoder
         self.shard_paths = shard_paths
+        self.sources = sources  # with their formats resolved
         self.batch_size = batch_size
         self.owner = owner
         self.num_owners = num_owners
@@ -358,6 +343,7 @@ class WorkerStream:
         self.position = 0  # global stream position of the next record
         self.skipped: Counter[str] = Counter()
         self.consecutive_bad = 0
+        self.recent: list[dict[str, Any]] = []  # records skipped since `take_recent`
 
     def owns(self, position: int) -> bool:
         return (position // self.batch_size) % self.num_owners == self.owner
@@ -371,20 +357,29 @@ class WorkerStream:
             if not self.owns(position):
                 continue
             shard_path = self.shard_paths[record.source][record.shard]
+            source = self.sources[record.source]
             try:
-                samples.append(self.encoder(record.text, shard_path))
+                samples.append(self.encoder(record.text, shard_path, source.format, source.image_root))
                 self.consecutive_bad = 0
             except SkipRecord as skip:
-                self._skip(skip, shard_path, record.line)
+                self._skip(skip, source.name, shard_path, record.line)
         return samples
 
-    def _skip(self, skip: SkipRecord, shard_path: Path, line: int) -> None:
+    def _skip(self, skip: SkipRecord, source: str, shard_path: Path, line: int) -> None:
         self.skipped[skip.reason] += 1
         self.consecutive_bad += 1
-        logger.warning("skipped record %s:%d (%s): %s", shard_path, line + 1, skip.reason, skip)
+        where = shard_file(shard_path).where(shard_path, line)
+        logger.warning("skipped record %s (%s): %s", where, skip.reason, skip)
+        self.recent.append({"source": source, "file": str(shard_path), "record": line, "where": where,
+                            "reason": skip.reason, "message": str(skip)})
         if self.consecutive_bad >= self.max_consecutive_bad:
-            raise DataError(f"{self.consecutive_bad} bad records in a row (last: {shard_path}:{line + 1}, "
+            raise DataError(f"{self.consecutive_bad} bad records in a row (last: {where}, "
                             f"{skip.reason}); counts so far {dict(self.skipped)}: check the data")
+
+    def take_recent(self) -> list[dict[str, Any]]:
+        """The records skipped since the last call (what went into the batch just made)."""
+        recent, self.recent = self.recent, []
+        return recent
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "skipped": dict(self.skipped), "consecutive_bad": self.consecutive_bad,
@@ -402,6 +397,7 @@ class LoaderItem:
     batch: Batch
     worker: int  # logical worker that made it
     state: dict[str, Any]  # that worker's position after it
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # records skipped while making it
 
 
 class TrainDataset(IterableDataset):
@@ -428,8 +424,10 @@ class TrainDataset(IterableDataset):
         if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0:
             raise DataError(f"bad split: batch_size {batch_size}, rank {rank} of {world_size}, "
                             f"{num_workers} workers")
-        self.sources = list(sources)
-        self.shards = [find_shards(s.paths) for s in self.sources]
+        self.shards = [find_shards(s.paths, s.format) for s in sources]
+        # Each source's format, detected from its first file where the recipe leaves it to `auto`.
+        self.sources = [s if s.format != "auto" else dataclasses.replace(s, format=detect_format(shards))
+                        for s, shards in zip(sources, self.shards, strict=True)]
         self.processor = processor
         self.batch_size = batch_size
         self.seed = seed
@@ -457,7 +455,7 @@ class TrainDataset(IterableDataset):
         mixture = MixtureStream(streams, [s.weight for s in self.sources], self.seed)
         encoder = RecordEncoder(self.processor, self.max_length, self.fields)
         owner = worker * self.world_size + self.rank
-        return WorkerStream(mixture, encoder, self.shards, self.batch_size, owner,
+        return WorkerStream(mixture, encoder, self.shards, self.sources, self.batch_size, owner,
                             self.world_size * self.workers_per_rank, self.max_consecutive_bad)
 
     def __iter__(self) -> Iterator[LoaderItem]:
@@ -472,7 +470,7 @@ class TrainDataset(IterableDataset):
         try:
             while True:
                 batch = collate(self.processor, stream.next_samples())
-                yield LoaderItem(batch, worker, stream.state_dict())
+                yield LoaderItem(batch, worker, stream.state_dict(), stream.take_recent())
         finally:
             stream.mixture.close()
 
@@ -489,6 +487,7 @@ class TrainLoader:
         self.prefetch_factor = prefetch_factor
         self.consumed = 0
         self.worker_states: dict[int, dict[str, Any]] = {}
+        self.skipped_records: list[dict[str, Any]] = []  # of the batches consumed, until `take_skipped_records`
         self._iterator: Iterator[LoaderItem] | None = None
 
     def __iter__(self) -> TrainLoader:
@@ -499,8 +498,14 @@ class TrainLoader:
             self._iterator = self._start()
         item = next(self._iterator)
         self.worker_states[item.worker] = item.state
+        self.skipped_records += item.skipped
         self.consumed += 1
         return item.batch
+
+    def take_skipped_records(self) -> list[dict[str, Any]]:
+        """Where and why each record was skipped, for the batches consumed since the last call."""
+        records, self.skipped_records = self.skipped_records, []
+        return records
 
     def _start(self) -> Iterator[LoaderItem]:
         dataset = self.dataset

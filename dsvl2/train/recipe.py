@@ -22,6 +22,7 @@ files. A module that does not import, or an option the class does not take, is a
       sources:
         - {name: vl, paths: [data/vl/*.jsonl], weight: 0.7}
         - {name: text, paths: [data/text], weight: 0.3}
+        - {name: llava, paths: [llava_665k.json], format: llava, image_root: /data/coco}
     optimizer: {lr: 2.0e-5, module_lr: {projector: 1.0e-4}}
     schedule: {warmup_steps: 100}
     training: {steps: 1000, micro_batch_size: 2, grad_accum: 8, dtype: bfloat16}
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from dsvl2.train.extension import Extension
+from dsvl2.train.formats import FORMATS
 
 STAGES = ("vision", "align", "pretrain", "sft")
 MODULE_GROUPS = ("vision", "projector", "language")
@@ -68,8 +70,10 @@ class ModelSection:
 @dataclass(frozen=True)
 class SourceSection:
     name: str
-    paths: tuple[Path, ...]  # JSON Lines files, glob patterns or folders of *.jsonl
+    paths: tuple[Path, ...]  # data files, glob patterns or folders (see dsvl2.train.formats)
     weight: float = 1.0
+    format: str = "auto"  # dsvl2 | sharegpt | llava | parquet; auto: detected from the first file
+    image_root: Path | None = None  # image paths are relative to it (default: the folder of each data file)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class DataSection:
     max_length: int | None = None  # tokens; default: the model's context length
     mask_prompt: bool | None = None  # default: the stage's choice (true for every stage)
     max_consecutive_bad: int = 1000  # give up when this many records in a row are bad
+    strict: bool = False  # a record that cannot be used stops the run (`dsvl2 train --strict`)
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,8 @@ def _check(recipe: TrainRecipe) -> None:
             raise RecipeError(f"data.sources[{i}].weight must be > 0, got {source.weight}")
         if not source.paths:
             raise RecipeError(f"data.sources[{i}].paths is empty")
+        if source.format not in FORMATS:
+            raise RecipeError(f"data.sources[{i}].format is {source.format!r}; expected one of {', '.join(FORMATS)}")
     positive = {
         "data.shuffle_buffer": recipe.data.shuffle_buffer, "training.steps": recipe.training.steps,
         "training.micro_batch_size": recipe.training.micro_batch_size,

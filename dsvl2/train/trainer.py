@@ -63,6 +63,7 @@ from dsvl2.train.stages import (
 from dsvl2.train.start import initial_model, load_processor
 
 logger = logging.getLogger(__name__)
+SKIPPED_FILE = "skipped.jsonl"  # beside the checkpoints: one line per record training could not use
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class Trainer:
 
     def _dataset(self) -> TrainDataset:
         recipe, data = self.recipe, self.recipe.data
-        sources = [DataSource(s.name, s.paths, s.weight) for s in data.sources]
+        sources = [DataSource(s.name, s.paths, s.weight, s.format, s.image_root) for s in data.sources]
         return TrainDataset(
             sources, self.processor, recipe.training.micro_batch_size, seed=recipe.seed, rank=self.dist.rank,
             world_size=self.dist.world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
@@ -332,12 +333,16 @@ class Trainer:
         recipe, device = self.recipe, self.dist.device
         started = time.perf_counter()
         batches = [next(self.loader) for _ in range(recipe.training.grad_accum)]
+        skipped = self.loader.take_skipped_records()
         local = torch.tensor([
             sum(int((b.labels[:, 1:] != -100).sum()) for b in batches),
             sum(int(b.attention_mask.sum()) for b in batches),
             sum(b.input_ids.shape[0] for b in batches),
+            len(skipped),
         ], dtype=torch.float64)
-        loss_tokens, tokens, samples = self.dist.all_reduce_sum(local).tolist()
+        loss_tokens, tokens, samples, any_skipped = self.dist.all_reduce_sum(local).tolist()
+        if any_skipped:  # every rank knows, so all take part in the gather
+            self._record_skipped(skipped)
         scale = self.dist.world_size / max(loss_tokens, 1.0)  # DDP/FSDP average over ranks
         ce_total = torch.zeros((), dtype=torch.float64)
         aux_total = torch.zeros((), dtype=torch.float64)
@@ -411,6 +416,20 @@ class Trainer:
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
         return float(norm)
+
+    def _record_skipped(self, skipped: list[dict[str, Any]]) -> None:
+        """Append this step's skipped records (of every rank) to skipped.jsonl; with data.strict, stop."""
+        records = [{"step": self.step + 1, **record} for rank in self.dist.gather(skipped) for record in rank]
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / SKIPPED_FILE, "a", encoding="utf-8") as file:
+                file.writelines(json.dumps(record) + "\n" for record in records)
+            logger.warning("step %d: skipped %d record(s), listed in %s", self.step + 1, len(records),
+                           self.output_dir / SKIPPED_FILE)
+        if self.recipe.data.strict:
+            first = records[0]
+            raise DataError(f"{first['where']}: {first['message']} ({first['reason']}); stopped because of "
+                            f"--strict (data.strict); {len(records)} record(s) of step {first['step']} unusable")
 
     def _skipped(self) -> dict[str, int]:
         local = self.loader.skipped()
@@ -552,6 +571,7 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         if self.dist.is_main:
             truncate_log(self.output_dir / LOG_FILE, self.step)
+            truncate_log(self.output_dir / SKIPPED_FILE, self.step)
         logger.info("resumed from %s at step %d", checkpoint, self.step)
 
 
@@ -567,6 +587,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint in the recipe's output.dir (if any)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop after this step with a checkpoint (the schedule still spans training.steps)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first record that cannot be used (default: skip it, listed in "
+                             "output.dir/skipped.jsonl)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -576,6 +599,8 @@ def run(args: argparse.Namespace) -> int:
     main_rank = True
     try:
         recipe = load_recipe(args.config)
+        if getattr(args, "strict", False):
+            recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, strict=True))
         if recipe.trainer is not None:  # the recipe's own trainer for this stage
             trainer = recipe.trainer.build(recipe, resume=args.resume)
         else:
