@@ -19,16 +19,28 @@ if TYPE_CHECKING:
     from dsvl2.engine.sampling import SamplingParams
 
 
+KERNELS_HELP = (
+    "CPU kernel path of each part of the work (default auto: chosen by the CPU's capabilities, shown with "
+    "--verbose). A path for every part that can run it: native (the weights' dtype; oneDNN bfloat16 on CPUs "
+    "with avx512_bf16 or AMX), float32 (16-bit weights, float32 arithmetic: vision, prefill) or float16-packed "
+    "(FBGEMM: decode, lm_head); or PART=PATH,... with parts vision, prefill, decode, lm_head"
+)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device and --max-len; unset values are chosen by `dsvl2.loading`."""
+    """--model, --dtype, --device, --max-len, --kernels and --verbose; unset values are chosen by
+    `dsvl2.loading` and `dsvl2.engine.kernels`."""
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint directory (config.json, model.safetensors, tokenizer files; "
                              "default: the bundled default model)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
-                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+                        help="weights dtype (default: bfloat16 on cuda; on cpu a bfloat16/float16 checkpoint's own "
+                             "dtype where --kernels has a fast path for it, else float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--max-len", type=int, default=None,
                         help="context length in tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--kernels", default="auto", help=KERNELS_HELP)
+    parser.add_argument("--verbose", action="store_true", help="print the dtype and kernel paths chosen at load")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +69,11 @@ def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = T
     """The engine on the model options' checkpoint (the bundled default model without --model)."""
     from dsvl2.engine.generate import Engine
 
-    return Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=progress,
-                                  max_batch=max_batch, max_len=args.max_len)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=progress,
+                                    max_batch=max_batch, max_len=args.max_len, kernels=args.kernels)
+    if args.verbose:
+        print(f"{engine.dtype} weights on {engine.device}; {engine.kernels.describe()}", file=sys.stderr)
+    return engine
 
 
 def guarded_run(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

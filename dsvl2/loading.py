@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dsvl2 import defaults
-from dsvl2.checkpoint import load_model
+from dsvl2.checkpoint import SAFETENSORS_DTYPES, checkpoint_files, load_model, read_header
 from dsvl2.config import ModelFolder
 from dsvl2.errors import InputError
 from dsvl2.model import DeepseekVL2
@@ -42,12 +42,16 @@ def choose_device(setting: str | torch.device | None = None, local_rank: int = 0
         raise DeviceError(f"unknown device {setting!r}: use cpu, cuda or cuda:N") from exc
 
 
-def choose_dtype(setting: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`None` or "auto": bfloat16 on a GPU, float32 on a CPU (where half-precision weights are an opt-in)."""
+def choose_dtype(setting: str | torch.dtype | None, device: torch.device, stored: torch.dtype | None = None,
+                 cpu_half: bool = False) -> torch.dtype:
+    """`None` or "auto": bfloat16 on a GPU; on a CPU the checkpoint's `stored` 16-bit dtype when `cpu_half`
+    (the engine's kernels compute it fast on this CPU, see dsvl2.engine.kernels), else float32."""
     if isinstance(setting, torch.dtype):
         return setting
     if setting in (None, "", "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return stored if cpu_half and stored in (torch.bfloat16, torch.float16) else torch.float32
     if setting not in DTYPES:
         raise DeviceError(f"unknown dtype {setting!r}: use one of {', '.join(DTYPES)}")
     return DTYPES[setting]
@@ -80,17 +84,32 @@ def model_folder(source: str | Path | ModelFolder | None = None) -> ModelFolder:
     return ModelFolder.read(resolve_model_dir(source))
 
 
+def stored_dtype(folder: ModelFolder) -> torch.dtype | None:
+    """The dtype holding most of a checkpoint's floating-point bytes, read from its safetensors headers."""
+    totals: dict[torch.dtype, int] = {}
+    for path in checkpoint_files(folder.path):
+        entries, _ = read_header(path)
+        for entry in entries.values():
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                totals[dtype] = totals.get(dtype, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
+    return max(totals, key=totals.__getitem__) if totals else None
+
+
 def load(
     source: str | Path | ModelFolder | None = None,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
+    cpu_half: bool = False,
 ) -> tuple[DeepseekVL2, Processor]:
-    """The model (in eval mode, on the chosen device and dtype) and processor of a checkpoint folder."""
+    """The model (in eval mode, on the chosen device and dtype) and processor of a checkpoint folder;
+    `cpu_half`: an automatic dtype on a CPU keeps a 16-bit checkpoint's dtype (see `choose_dtype`)."""
     folder = model_folder(source)
     device = choose_device(device)
     # The processor first: a missing tokenizer file is reported before the weights are read.
     processor = Processor.from_pretrained(folder)
-    model = load_model(folder, dtype=choose_dtype(dtype, device), device=device, progress=progress)
+    stored = stored_dtype(folder) if cpu_half and device.type == "cpu" else None
+    model = load_model(folder, dtype=choose_dtype(dtype, device, stored, cpu_half), device=device, progress=progress)
     return model, processor

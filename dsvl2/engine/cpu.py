@@ -1,7 +1,8 @@
-"""Fast paths for 16-bit (bfloat16/float16) models on CPUs without native 16-bit matrix units.
+"""Fast paths for 16-bit (bfloat16/float16) models on CPUs (dsvl2.engine.kernels chooses which runs where).
 
-On such CPUs (AVX2 machines, most AMD parts) PyTorch multiplies bfloat16 matrices with slow
-generic loops: a few GB/s for one row (decode at batch 1) and far less for a handful of rows.
+On CPUs without native 16-bit arithmetic (AVX2 machines, AVX-512 without BF16) PyTorch multiplies
+bfloat16 matrices with slow generic loops: a few GB/s for one row (decode at batch 1) and far less for
+a handful of rows.
 Two remedies, both computing in float32 while the weights stay 16-bit in memory:
 
 - `pack_linear_layers`: the language model's linear layers become FBGEMM packed-float16 layers
@@ -68,7 +69,12 @@ def fbgemm_fp16_available() -> bool:
 
 
 class PackedFp16Linear(nn.Module):
-    """A linear layer with FBGEMM packed float16 weights; float32 compute, output in `out_dtype`."""
+    """A linear layer with FBGEMM packed float16 weights; float32 compute, output in `out_dtype`.
+
+    `native_rows` (None: never): a matmul of at least this many rows computes in `out_dtype` with the weight
+    unpacked for it, for CPUs whose native bfloat16 arithmetic beats FBGEMM on compute-bound prefill."""
+
+    native_rows: int | None = None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -78,8 +84,13 @@ class PackedFp16Linear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
-        out = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        flat = x.reshape(-1, self.in_features)
+        if self.native_rows is not None and flat.shape[0] >= self.native_rows:
+            weight, bias = torch.ops.quantized.linear_unpack_fp16(self.packed)
+            dtype = self.out_dtype
+            out = F.linear(flat.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        else:
+            out = torch.ops.quantized.linear_dynamic_fp16(flat.float(), self.packed)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     @property
@@ -93,21 +104,40 @@ class PackedFp16Linear(nn.Module):
 
 class PackedFp16MLP(nn.Module):
     """DeepSeek's SwiGLU MLP with gate and up projections packed as one float16 matrix; the whole
-    block computes in float32 and returns `x`'s dtype."""
+    block computes in float32 (in `x`'s 16-bit dtype from `native_rows` rows, as PackedFp16Linear) and returns
+    `x`'s dtype."""
+
+    native_rows: int | None = None
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         self.hidden = mlp.gate_proj.in_features
         self.intermediate = mlp.gate_proj.out_features
+        self.out_dtype = mlp.gate_proj.weight.dtype
         gate_up = torch.cat([mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float()])
         self.gate_up = torch.ops.quantized.linear_prepack_fp16(gate_up, None)
         self.down = torch.ops.quantized.linear_prepack_fp16(mlp.down_proj.weight.detach().float(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.hidden).float()
-        gate, up = torch.ops.quantized.linear_dynamic_fp16(flat, self.gate_up).split(self.intermediate, dim=-1)
+        flat = x.reshape(-1, self.hidden)
+        if self.native_rows is not None and flat.shape[0] >= self.native_rows:
+            return self._native(flat).view(x.shape).to(x.dtype)
+        gate, up = torch.ops.quantized.linear_dynamic_fp16(flat.float(), self.gate_up).split(self.intermediate, dim=-1)
         out = torch.ops.quantized.linear_dynamic_fp16(F.silu(gate) * up, self.down)
         return out.view(x.shape).to(x.dtype)
+
+    def _native(self, flat: torch.Tensor) -> torch.Tensor:
+        dtype = self.out_dtype
+        gate_up = torch.ops.quantized.linear_unpack_fp16(self.gate_up)[0].to(dtype)
+        gate, up = F.linear(flat.to(dtype), gate_up).split(self.intermediate, dim=-1)
+        return F.linear(F.silu(gate) * up, torch.ops.quantized.linear_unpack_fp16(self.down)[0].to(dtype))
+
+
+def set_native_rows(module: nn.Module, rows: int | None) -> None:
+    """Set `native_rows` on every packed layer under `module` (None: FBGEMM for every matmul)."""
+    for child in module.modules():
+        if isinstance(child, (PackedFp16Linear, PackedFp16MLP)):
+            child.native_rows = rows
 
 
 def _is_swiglu_mlp(module: nn.Module) -> bool:
@@ -138,6 +168,19 @@ def pack_linear_layers(module: nn.Module, skip: tuple[str, ...] = ("kv_b_proj",)
                 release_free_memory()
             count += packed
         del child
+    return count
+
+
+def pack_language(language: nn.Module, decoder: bool, lm_head: bool) -> int:
+    """Pack the decoder layers' linear layers (`decoder`) and the lm_head (`lm_head`) of a 16-bit language
+    model for FBGEMM, in place; returns the number of modules replaced."""
+    count = pack_linear_layers(language.model) if decoder else 0
+    head = language.lm_head
+    if lm_head and type(head) is nn.Linear and head.weight.dtype in HALF_DTYPES:
+        language.lm_head = PackedFp16Linear(head)
+        del head
+        release_free_memory()
+        count += 1
     return count
 
 

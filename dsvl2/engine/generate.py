@@ -26,7 +26,17 @@ import torch
 
 from dsvl2.config import ModelFolder
 from dsvl2.engine.cache import KVCache
-from dsvl2.engine.cpu import fbgemm_fp16_available, float32_compute, is_half_on_cpu, pack_linear_layers
+from dsvl2.engine.cpu import fbgemm_fp16_available, float32_compute, pack_language, set_native_rows
+from dsvl2.engine.kernels import (
+    FLOAT32,
+    NATIVE,
+    NATIVE_PREFILL_ROWS,
+    PACKED,
+    KernelPlan,
+    cpu_flags,
+    keeps_half_weights,
+    resolve_kernels,
+)
 from dsvl2.engine.sampling import SamplingParams, StopStringFilter, make_generator, sample_next
 from dsvl2.engine.scheduler import Phase, Scheduler, Sequence, contiguous_range
 from dsvl2.errors import InputError, PromptTooLongError
@@ -167,16 +177,13 @@ class Engine:
         image_cache_size: int = 64,
         vision_tiles_per_step: int | None = None,
         compile: bool = False,
-        float32_prefill: bool | None = None,
-        pack_weights: bool | None = None,
+        kernels: str | KernelPlan | None = None,
     ) -> None:
         """`vision_tiles_per_step`: image tiles encoded per step (default 2 on CPU, 32 on GPU).
-        CPU options for bfloat16/float16 models (None: on for such a model on a CPU; see dsvl2.engine.cpu):
-        `float32_prefill` runs vision and prefill in float32: the vision tower and projector are converted
-        to float32 once, in place (so no image pays a weight upcast), the language model's weights are
-        upcast layer by layer;
-        `pack_weights` replaces the language model's linear layers, in place, by FBGEMM packed float16
-        layers (float32 compute, 16-bit weights) for fast decoding."""
+        `kernels`: the path each part runs (dsvl2.engine.kernels): None or "auto" chooses by the CPU's
+        capabilities, a --kernels value ("native", "prefill=float32,decode=native") changes that choice,
+        a KernelPlan is used as it is. Applied once, in place: a float32 vision path converts the vision
+        tower and projector to float32, a float16-packed path packs the language model's linear layers."""
         self._model = model.eval()
         self._processor = processor
         lang = model.cfg.language
@@ -191,16 +198,22 @@ class Engine:
         # A step encodes at most this many image tiles, so one large image does not stall every other
         # request for the whole vision pass; a CPU's tiles are slow, so it takes fewer per step.
         self.vision_tiles_per_step = vision_tiles_per_step or (2 if self.device.type == "cpu" else 32)
-        half_on_cpu = is_half_on_cpu(self.device, self.dtype)
-        self.float32_prefill = half_on_cpu if float32_prefill is None else float32_prefill
-        if self.float32_prefill:
-            model.vision.float()
-            model.projector.float()
-        if pack_weights is None:
-            pack_weights = half_on_cpu and fbgemm_fp16_available()
-        self.packed_layers = pack_linear_layers(model.language) if pack_weights else 0
+        self.kernels = resolve_kernels(kernels, self.device, self.dtype, fbgemm_fp16=fbgemm_fp16_available())
+        self.packed_layers = self._apply_kernels(self.kernels)
+        logger.info("%s", self.kernels.describe())
         self._decode_fn = self._compiled_decode() if compile else model.decode_step
         self.stats = {"vision_calls": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0}
+
+    def _apply_kernels(self, plan: KernelPlan) -> int:
+        """Convert the model in place for `plan`; returns the number of language modules packed."""
+        if plan.vision == FLOAT32:  # once, so no image pays a weight upcast
+            self._model.vision.float()
+            self._model.projector.float()
+        language = self._model.language
+        packed = pack_language(language, decoder=plan.decode_small == PACKED, lm_head=plan.lm_head == PACKED)
+        if packed and plan.prefill == NATIVE:
+            set_native_rows(language, NATIVE_PREFILL_ROWS)
+        return packed
 
     @classmethod
     def from_pretrained(
@@ -213,8 +226,10 @@ class Engine:
         **kwargs: Any,
     ) -> Engine:
         """An engine on a checkpoint folder's weights and processor (None: the bundled default model);
-        `dsvl2.loading` chooses the device and dtype left unset (a GPU in bfloat16, else the CPU in float32)."""
-        model, processor = load(model_dir, device=device, dtype=dtype, progress=progress)
+        `dsvl2.loading` chooses the device and dtype left unset (a GPU in bfloat16; the CPU in the checkpoint's
+        16-bit dtype where a kernel path computes it fast, else in float32)."""
+        half_ok = keeps_half_weights(cpu_flags(), fbgemm_fp16_available())
+        model, processor = load(model_dir, device=device, dtype=dtype, progress=progress, cpu_half=half_ok)
         return cls(model, processor, **kwargs)
 
     # -- properties -----------------------------------------------------------------------------
@@ -321,14 +336,14 @@ class Engine:
         return self._final_event(seq, "error", error=message)
 
     def _prefill(self, seq: Sequence, start: int, stop: int) -> list[TokenEvent]:
-        with float32_compute(self.float32_prefill):
+        if seq.prompt_embeds is None:
+            seq.prompt_embeds = self._prompt_embeddings(seq)
             if seq.prompt_embeds is None:
-                seq.prompt_embeds = self._prompt_embeddings(seq)
-                if seq.prompt_embeds is None:
-                    return []  # images still encoding; the prompt's tokens wait for the next step
-            embeds = seq.prompt_embeds[start:stop][None]
-            positions = torch.arange(start, stop, device=self.device)[None]
-            slots = torch.tensor([seq.slot], device=self.device)
+                return []  # images still encoding; the prompt's tokens wait for the next step
+        embeds = seq.prompt_embeds[start:stop][None]
+        positions = torch.arange(start, stop, device=self.device)[None]
+        slots = torch.tensor([seq.slot], device=self.device)
+        with float32_compute(self.kernels.prefill == FLOAT32):
             with self.cache.slot_range(seq.slot, seq.slot + 1):
                 logits = self._model.decode_step(embeds, positions, self.cache, slots, absorbed=False)
         seq.prefilled = stop

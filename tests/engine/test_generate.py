@@ -20,6 +20,7 @@ from dsvl2.checkpoint import load_model
 from dsvl2.engine.cache import KVCache
 from dsvl2.engine.cpu import PackedFp16Linear, PackedFp16MLP, fbgemm_fp16_available, float32_compute, pack_linear_layers
 from dsvl2.engine.generate import Engine, Request
+from dsvl2.engine.kernels import choose_kernels
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.errors import ImageCountError, ImageDecodeError, InputError, PromptTooLongError
 from dsvl2.language.moe import MLP
@@ -510,8 +511,10 @@ def test_float32_compute_mode_upcasts_half_matrix_work() -> None:
 
 def test_bfloat16_engine_on_cpu_packs_and_generates() -> None:
     root = conformance_dir() / "tiny_like"
-    engine = Engine(load_model(root, dtype=torch.bfloat16), Processor.from_pretrained(root))
-    assert engine.float32_prefill and (engine.packed_layers > 0) == fbgemm_fp16_available()
+    # The automatic plan of a CPU without native bfloat16 (AVX2), whichever CPU runs the test.
+    plan = choose_kernels({"avx2"}, torch.device("cpu"), torch.bfloat16, fbgemm_fp16_available())
+    engine = Engine(load_model(root, dtype=torch.bfloat16), Processor.from_pretrained(root), kernels=plan)
+    assert engine.kernels.prefill == "float32" and (engine.packed_layers > 0) == fbgemm_fp16_available()
     # The vision side is converted once rather than upcast on every image; its output is bfloat16 again.
     vision_side = [*engine._model.vision.parameters(), *engine._model.projector.parameters()]
     assert all(p.dtype == torch.float32 for p in vision_side)
