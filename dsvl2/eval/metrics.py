@@ -1,8 +1,9 @@
-"""Evaluation metrics as the benchmarks define them, in plain Python.
+"""Evaluation metrics as the benchmarks publish them.
 
-- VQAv2 answer normalisation, exact match and the 10-annotator soft score.
-- ANLS (DocVQA / InfoVQA), relaxed accuracy (ChartQA), box IoU and grounding accuracy (RefCOCO),
-  character error rate and exact match for OCR, token F1 for captions.
+- VQAv2 answer normalisation, exact match and the leave-one-out soft score.
+- ANLS (DocVQA / InfoVQA, the paper's NL < 0.5), relaxed accuracy (ChartQA, pix2struct's `relaxed_correctness`),
+  box IoU and grounding accuracy (RefCOCO), OCRBench's containment rule, multiple-choice letters (VLMEvalKit
+  TSV files, no judge model), character error rate and exact match for OCR, token F1 for captions.
 - `METRICS` / `score_sample` map a task name to a scorer over (prediction, record), where a record is an
   eval JSONL record carrying `answers` (and `box` / `boxes` on the 0..999 grid for grounding tasks).
 """
@@ -10,10 +11,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from rapidfuzz.distance import Levenshtein
 
 from dsvl2.errors import InputError
 from dsvl2.grounding import parse_grounding
@@ -119,15 +123,11 @@ def vqa_exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def vqa_soft_score(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy: min(1, matches / 3), averaged over the leave-one-out subsets of 10 (or more) answers.
-
-    With fewer than 10 reference answers (no annotator pool to leave out), plain min(1, matches / 3).
-    """
+    """VQA accuracy: min(1, matches / 3) averaged over the subsets leaving out one reference answer each,
+    for any number of answers (the official evaluation's rule)."""
     references = [normalize_answer(a) for a in _check_answers(answers)]
     predicted = normalize_answer(prediction)
     matches = sum(1 for ref in references if ref == predicted)
-    if len(references) < 10:
-        return min(1.0, matches / 3)
     total = 0.0
     for ref in references:
         matches_among_others = matches - (1 if ref == predicted else 0)
@@ -142,16 +142,7 @@ def vqa_soft_score(prediction: str, answers: Sequence[str]) -> float:
 
 def levenshtein(a: Sequence[Any], b: Sequence[Any]) -> int:
     """Minimum number of single-element insertions, deletions and substitutions turning a into b."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, item_a in enumerate(a, start=1):
-        current = [i]
-        for j, item_b in enumerate(b, start=1):
-            substitution = previous[j - 1] + (item_a != item_b)
-            current.append(min(previous[j] + 1, current[j - 1] + 1, substitution))
-        previous = current
-    return previous[-1]
+    return Levenshtein.distance(a, b)
 
 
 def _anls_text(text: str) -> str:
@@ -203,55 +194,24 @@ def ocr_exact_match(prediction: str, reference: str, ignore_case: bool = False) 
 # ChartQA relaxed accuracy
 # --------------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
-# Float noise such as 1.05 - 1.0 = 0.05000000000000004 must not turn "exactly 5%" into a miss.
-_RELATIVE_SLACK = 1e-9
-
-
-def _parse_number(text: str) -> tuple[float, bool] | None:
-    """(value, had_percent_sign) for a plain numeric answer such as "-1,234.5" or "45%", else None."""
-    stripped = text.strip()
-    is_percent = stripped.endswith("%")
-    if is_percent:
-        stripped = stripped[:-1].strip()
-    if _THOUSANDS.fullmatch(stripped):
-        stripped = stripped.replace(",", "")
-    if not _NUMBER.fullmatch(stripped):
+def _chart_float(text: str) -> float | None:
+    # pix2struct's _to_float: what float() parses is a number, a trailing "%" divides it by 100.
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
         return None
-    value = float(stripped)
-    return (value, is_percent) if math.isfinite(value) else None
-
-
-def _numeric_readings(value: float, is_percent: bool, other_is_percent: bool) -> list[float]:
-    # "45%" is 0.45 (the ChartQA reference reading); when only one side has the sign, the bare number is
-    # also accepted, since chart labels and answers often drop or add the sign.
-    if not is_percent:
-        return [value]
-    return [value / 100.0] if other_is_percent else [value / 100.0, value]
-
-
-def _within_tolerance(predicted: float, target: float, tolerance: float) -> bool:
-    if target == 0.0:
-        return predicted == 0.0
-    return abs(predicted - target) / abs(target) <= tolerance + _RELATIVE_SLACK
 
 
 def relaxed_accuracy(prediction: str, target: str, tolerance: float = 0.05) -> float:
-    """ChartQA relaxed accuracy: numbers match within `tolerance` relative error of the target (a zero
-    target needs an exact zero); anything non-numeric needs a case-insensitive exact match."""
+    """ChartQA relaxed accuracy exactly as pix2struct's `relaxed_correctness` (which lmms-eval copies): when
+    both parse as numbers and the target is non-zero, a relative error of at most `tolerance` scores 1;
+    otherwise the strings must be equal ignoring case (nothing is stripped)."""
     if not isinstance(prediction, str) or not isinstance(target, str):
         raise InputError("prediction and target must be strings")
-    parsed_prediction, parsed_target = _parse_number(prediction), _parse_number(target)
-    if parsed_prediction is None or parsed_target is None:
-        return 1.0 if prediction.strip().lower() == target.strip().lower() else 0.0
-    predicted_values = _numeric_readings(*parsed_prediction, other_is_percent=parsed_target[1])
-    target_values = _numeric_readings(*parsed_target, other_is_percent=parsed_prediction[1])
-    for predicted in predicted_values:
-        for expected in target_values:
-            if _within_tolerance(predicted, expected, tolerance):
-                return 1.0
-    return 0.0
+    predicted, expected = _chart_float(prediction), _chart_float(target)
+    if predicted is not None and expected:
+        return 1.0 if abs(predicted - expected) / abs(expected) <= tolerance else 0.0
+    return 1.0 if prediction.lower() == target.lower() else 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,12 +219,20 @@ def relaxed_accuracy(prediction: str, target: str, tolerance: float = 0.05) -> f
 # --------------------------------------------------------------------------------------------------
 
 
-def _is_valid_box(box: Any) -> bool:
+def _as_box(box: Any) -> list[float] | None:
+    """The four coordinates as floats (Python or NumPy numbers, lists or arrays), None when malformed."""
+    if hasattr(box, "tolist"):
+        box = box.tolist()
     if box is None or isinstance(box, str) or not isinstance(box, Sequence) or len(box) != 4:
-        return False
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
-        return False
-    return box[2] > box[0] and box[3] > box[1]
+        return None
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        return None
+    values = [float(v) for v in box]
+    return values if values[2] > values[0] and values[3] > values[1] else None
+
+
+def _is_valid_box(box: Any) -> bool:
+    return _as_box(box) is not None
 
 
 def box_iou(a: Box, b: Box) -> float:
@@ -272,7 +240,8 @@ def box_iou(a: Box, b: Box) -> float:
 
     A malformed or empty box has no area and scores 0.0.
     """
-    if not _is_valid_box(a) or not _is_valid_box(b):
+    a, b = _as_box(a), _as_box(b)
+    if a is None or b is None:
         return 0.0
     inter_w = min(a[2], b[2]) - max(a[0], b[0])
     inter_h = min(a[3], b[3]) - max(a[1], b[1])
@@ -292,7 +261,7 @@ def grounding_accuracy(
     """
     if len(pred_boxes) != len(gt_boxes):
         raise InputError(f"{len(pred_boxes)} predicted boxes for {len(gt_boxes)} ground-truth boxes")
-    if not gt_boxes:
+    if len(gt_boxes) == 0:
         raise InputError("no ground-truth boxes to score")
     hits = sum(1 for pred, gt in zip(pred_boxes, gt_boxes, strict=True) if box_iou(pred, gt) >= threshold)
     return hits / len(gt_boxes)
@@ -306,6 +275,51 @@ def parse_det_boxes(text: str) -> list[list[int]]:
     if not isinstance(text, str):
         raise InputError(f"prediction must be a string, got {type(text).__name__}")
     return [list(box) for ref in parse_grounding(text).refs for box in ref.boxes]
+
+
+# --------------------------------------------------------------------------------------------------
+# OCRBench, multiple choice
+# --------------------------------------------------------------------------------------------------
+
+OCRBENCH_FORMULA_DATASET = "HME100k"  # OCRBench compares handwritten formulas with every space removed
+
+
+def ocrbench_match(prediction: str, answers: Sequence[str], dataset_name: str = "") -> float:
+    """OCRBench's rule: 1.0 when any reference answer occurs inside the prediction, both lower-cased and
+    stripped with line breaks as spaces; for HME100k formulas case is kept and all spaces are removed."""
+    if not isinstance(prediction, str):
+        raise InputError(f"prediction must be a string, got {type(prediction).__name__}")
+    for answer in _check_answers(answers):
+        if dataset_name == OCRBENCH_FORMULA_DATASET:
+            reference = answer.strip().replace("\n", " ").replace(" ", "")
+            predicted = prediction.strip().replace("\n", " ").replace(" ", "")
+        else:
+            reference = answer.lower().strip().replace("\n", " ")
+            predicted = prediction.lower().strip().replace("\n", " ")
+        if reference in predicted:
+            return 1.0
+    return 0.0
+
+
+_CHOICE_SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
+
+
+def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
+    """The option letter an answer names, read without a judge model (VLMEvalKit's `can_infer`).
+
+    First a letter: exactly one option letter standing alone once `.()[],:;!*#{}` become spaces ("B",
+    "(B)", "Answer: B."); else the text of exactly one option inside the lower-cased answer. None when the
+    answer names no option, or several.
+    """
+    if not isinstance(prediction, str):
+        raise InputError(f"prediction must be a string, got {type(prediction).__name__}")
+    words = set(prediction.translate(_CHOICE_SEPARATORS).split())
+    named = [letter for letter in options if letter in words]
+    if len(named) == 1:
+        return named[0]
+    lowered = prediction.lower()
+    by_text = [letter for letter, text in options.items() if str(text).lower() in lowered]
+    return by_text[0] if len(by_text) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,10 +356,9 @@ def _record_answers(record: dict) -> list[str]:
 def _record_box(record: dict, key: str = "box") -> list[float]:
     box = record.get(key)
     if not _is_valid_box(box):
-        raise InputError(
-            f"record field '{key}' must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {box!r}"
-        )
-    return list(box)
+        raise InputError(f"record field '{key}' must be four finite numbers [x1, y1, x2, y2] with x2 > x1 and "
+                         "y2 > y1")
+    return _as_box(box)
 
 
 def _score_vqa(prediction: str, record: dict) -> dict:
@@ -365,7 +378,9 @@ def _score_anls(prediction: str, record: dict) -> dict:
 
 
 def _score_chart(prediction: str, record: dict) -> dict:
-    value = max(relaxed_accuracy(prediction, answer) for answer in _record_answers(record))
+    # The model's answer loses its surrounding whitespace (the generation's, not an answer's); the target
+    # is compared as published.
+    value = max(relaxed_accuracy(prediction.strip(), answer) for answer in _record_answers(record))
     return {"score": value, "relaxed_accuracy": value}
 
 
@@ -396,6 +411,23 @@ def _score_ocr(prediction: str, record: dict) -> dict:
     return {"score": exact, "exact_match": exact, "cer": cer}
 
 
+def _score_ocrbench(prediction: str, record: dict) -> dict:
+    value = ocrbench_match(prediction, _record_answers(record), str(record.get("dataset_name", "")))
+    return {"score": value, "accuracy": value}
+
+
+def _score_choice(prediction: str, record: dict) -> dict:
+    options = record.get("options")
+    if not isinstance(options, dict) or not options:
+        raise InputError("record has no 'options' to choose from")
+    answer = record.get("answer")
+    if answer not in options:
+        raise InputError(f"record's answer names no option (options are {', '.join(options)})")
+    chosen = extract_choice(prediction, options)
+    correct = 1.0 if chosen == answer else 0.0
+    return {"score": correct, "accuracy": correct, "no_option": 1.0 if chosen is None else 0.0}
+
+
 def _score_caption(prediction: str, record: dict) -> dict:
     answers = _record_answers(record)
     f1 = max(token_f1(prediction, answer) for answer in answers)
@@ -412,6 +444,8 @@ METRICS: dict[str, SampleScorer] = {
     "grounded_caption": _score_grounded_caption,
     "ocr": _score_ocr,
     "caption": _score_caption,
+    "ocrbench": _score_ocrbench,
+    "choice": _score_choice,
 }
 
 

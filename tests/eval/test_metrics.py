@@ -10,10 +10,12 @@ from dsvl2.eval.metrics import (
     anls,
     box_iou,
     character_error_rate,
+    extract_choice,
     grounding_accuracy,
     levenshtein,
     normalize_answer,
     ocr_exact_match,
+    ocrbench_match,
     parse_det_boxes,
     relaxed_accuracy,
     score_sample,
@@ -79,10 +81,15 @@ def test_vqa_soft_score_three_and_four_of_ten() -> None:
     assert vqa_soft_score("maybe", ["yes"] * 4 + ["no"] * 6) == 0.0
 
 
-def test_vqa_soft_score_fewer_than_ten_answers() -> None:
-    assert vqa_soft_score("cat", ["cat"]) == pytest.approx(1 / 3)
-    assert vqa_soft_score("cat", ["cat", "Cat", "a cat", "dog"]) == 1.0
-    assert vqa_soft_score("cat", ["cat", "cat.", "dog"]) == pytest.approx(2 / 3)
+def test_vqa_soft_score_fewer_than_ten_answers_is_the_leave_one_out_average() -> None:
+    # The case: leaving out "2" keeps 3 matches (1), leaving out a "no" keeps 2 (2/3, three times)
+    # -> (1 + 3 * 2/3) / 4 = 0.75 (min(1, matches / 3) would say 1.0).
+    assert vqa_soft_score("no", ["2", "no", "no", "no"]) == pytest.approx(0.75, abs=1e-12)
+    assert vqa_soft_score("cat", ["cat"]) == 0.0  # the only subset leaves the one match out
+    # four matches: every subset keeps 3 -> 1.0
+    assert vqa_soft_score("cat", ["cat", "Cat", "a cat", "the cat", "dog"]) == 1.0
+    # two matches of three: out "cat" -> 1/3 (twice), out "dog" -> 2/3 -> (1/3 + 1/3 + 2/3) / 3 = 4/9
+    assert vqa_soft_score("cat", ["cat", "cat.", "dog"]) == pytest.approx(4 / 9, abs=1e-12)
 
 
 # ---------------------------------------------------------------- edit distance, ANLS, CER
@@ -133,26 +140,33 @@ def test_ocr_exact_match() -> None:
 # ---------------------------------------------------------------- ChartQA relaxed accuracy
 
 
+# pix2struct's relaxed_correctness: float() parses, a trailing % divides by 100, a non-zero target for the
+# 5 % test, otherwise case-insensitive equality of the unstripped strings.
 @pytest.mark.parametrize(
     ("prediction", "target", "expected"),
     [
-        ("105", "100", 1.0),  # exactly 5 %
+        ("105", "100", 1.0),  # exactly 5 %: 5 / 100 = 0.05 in floats too
         ("95", "100", 1.0),
         ("105.1", "100", 0.0),  # just over 5 %
-        ("1.05", "1", 1.0),  # exactly 5 % despite float noise in 1.05 - 1
-        ("0", "0", 1.0),  # zero target: exact only
-        ("0.0", "0", 1.0),
+        ("1.05", "1.0", 0.0),  # the case: 1.05 - 1.0 = 0.050000000000000044 > 0.05
+        ("0", "0", 1.0),  # zero target: the strings must be equal
+        ("0.0", "0", 0.0),  # the case: "0.0" != "0"
+        ("-0", "0", 0.0),  # the case
         ("0.01", "0", 0.0),
         ("45%", "45%", 1.0),
         ("45%", "0.45", 1.0),  # 45 % read as 0.45
-        ("45", "45%", 1.0),  # sign dropped on one side
-        ("47%", "45%", 1.0),  # |47 - 45| / 45 = 4.4 %
+        ("45%", "45", 0.0),  # the case: 0.45 against 45
+        ("47%", "45%", 1.0),  # |0.47 - 0.45| / 0.45 = 4.4 %
         ("48%", "45%", 0.0),  # 6.7 %
         ("-5.2", "-5", 1.0),  # 4 %
         ("-5.3", "-5", 0.0),  # 6 %
         ("5", "-5", 0.0),
-        ("1,050", "1000", 1.0),  # thousands separator
-        ("1,000,000", "1e6", 1.0),
+        ("1,234", "1234", 0.0),  # the case: float() does not read thousands separators
+        ("1_000", "1000", 1.0),  # the case: float() reads underscores
+        ("1e3", "1000", 1.0),
+        (" 100", "100", 1.0),  # float() ignores surrounding whitespace
+        ("Brazil", "brazil ", 0.0),  # the case: nothing is stripped
+        ("nan", "nan", 0.0),  # the case: NaN is a number and never within 5 %
         ("Apple", "apple", 1.0),  # non-numeric: case-insensitive exact
         ("apple", "apples", 0.0),
         ("abc", "100", 0.0),
@@ -175,6 +189,25 @@ def test_box_iou() -> None:
     assert box_iou([0, 0, 10, 10], [0, 0, 20, 10]) == 0.5
     assert box_iou([10, 10, 0, 0], [0, 0, 10, 10]) == 0.0  # inverted box is invalid
     assert box_iou([0, 0, 10], [0, 0, 10, 10]) == 0.0  # type: ignore[list-item]
+
+
+def test_boxes_as_numpy_are_read_like_lists() -> None:
+    import numpy as np
+
+    # half of each box overlaps -> 1/3, whatever holds the numbers
+    expected = box_iou([0, 0, 10, 10], [5, 0, 15, 10])
+    assert box_iou(np.array([0, 0, 10, 10]), np.array([5.0, 0, 15, 10], dtype=np.float32)) == expected
+    assert box_iou([np.int64(0), np.int64(0), np.int64(10), np.int64(10)], [np.float32(5), 0, 15, 10]) == expected
+    assert grounding_accuracy(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10]])) == 1.0
+    assert box_iou([0, 0, True, 10], [0, 0, 10, 10]) == 0.0  # a bool is not a coordinate
+
+
+def test_levenshtein_is_fast_on_long_strings() -> None:
+    import time
+
+    started = time.perf_counter()
+    assert levenshtein("ab" * 500, "ba" * 500) == 2  # a shift by one: delete the first, append the last
+    assert time.perf_counter() - started < 0.05  # the pure-Python loop took 0.22 s
 
 
 def test_grounding_accuracy() -> None:
@@ -247,7 +280,8 @@ def test_score_sample_grounded_caption() -> None:
 
 
 def test_score_sample_other_tasks() -> None:
-    assert score_sample("vqa", "Two", {"answers": ["2"] * 3})["score"] == 1.0
+    assert score_sample("vqa", "Two", {"answers": ["2"] * 4})["score"] == 1.0
+    assert score_sample("vqa", "Two", {"answers": ["2"] * 3})["score"] == pytest.approx(2 / 3)  # 2 of 2 left
     assert score_sample("counting", "three", {"answers": ["3"]})["score"] == 1.0
     assert score_sample("counting", "4", {"answers": ["3"]})["score"] == 0.0
     assert score_sample("anls", "abc", {"answers": ["abd"]})["score"] == pytest.approx(2 / 3)
@@ -255,6 +289,48 @@ def test_score_sample_other_tasks() -> None:
     ocr = score_sample("ocr", "HELLO 4", {"answers": ["HELLO 42"]})
     assert ocr["score"] == 0.0 and ocr["cer"] == pytest.approx(1 / 8)
     assert score_sample("caption", "a red circle", {"answers": ["the red square"]})["score"] == 0.5
+
+
+def test_ocrbench_rule_is_containment() -> None:
+    # OCRBench: an answer inside the lower-cased, stripped prediction scores; line breaks count as spaces.
+    assert ocrbench_match("The sign says STOP here", ["stop"]) == 1.0
+    assert ocrbench_match("Hello\nworld", ["hello world"]) == 1.0
+    assert ocrbench_match("sto", ["stop"]) == 0.0
+    assert ocrbench_match("no", ["yes", "no"]) == 1.0
+    # HME100k formulas: case kept, every space removed
+    assert ocrbench_match("x ^ { 2 } + 1", ["x^{2}+1"], "HME100k") == 1.0
+    assert ocrbench_match("X^{2}+1", ["x^{2}+1"], "HME100k") == 0.0
+    assert ocrbench_match("X^{2}+1", ["x^{2}+1"], "IIIT5K") == 1.0
+    assert score_sample("ocrbench", "It reads 42.", {"answers": ["42"], "dataset_name": "IIIT5K"})["score"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("B", "B"),
+        ("(C)", "C"),
+        ("The answer is B.", "B"),
+        ("Answer: D", "D"),
+        ("a dog", "B"),  # no letter: the one option whose text is in the answer
+        ("A cat", "A"),  # "A" stands alone, as in VLMEvalKit
+        ("b", None),  # letters are capitals, and "b" holds no option's text
+        ("B or C", None),  # two letters, and no option text: none
+        ("I cannot tell", None),
+        ("cat or dog", None),  # two option texts
+    ],
+)
+def test_extract_choice(prediction: str, expected: str | None) -> None:
+    options = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
+    assert extract_choice(prediction, options) == expected
+
+
+def test_score_sample_choice_counts_answers_naming_no_option() -> None:
+    record = {"options": {"A": "cat", "B": "dog"}, "answer": "B"}
+    assert score_sample("choice", "B.", record) == {"score": 1.0, "accuracy": 1.0, "no_option": 0.0}
+    assert score_sample("choice", "A", record)["score"] == 0.0
+    assert score_sample("choice", "a horse", record) == {"score": 0.0, "accuracy": 0.0, "no_option": 1.0}
+    with pytest.raises(InputError, match="names no option"):
+        score_sample("choice", "A", {"options": {"A": "cat"}, "answer": "E"})
 
 
 def test_score_sample_ocr_takes_the_closest_reference() -> None:
