@@ -17,8 +17,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +29,11 @@ from dsvl2.engine.generate import TokenEvent
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.errors import ImageCountError, ImageDecodeError, ImageTooLargeError, InputError, PromptTooLongError
 from dsvl2.images import DEFAULT_MAX_PIXELS
+from dsvl2.serve.auth import KeyRing
+from dsvl2.serve.gate import AccessGate, prompt_summary
+from dsvl2.serve.limits import KeyLimiter, KeyLimits
 from dsvl2.serve.messages import grounding_entries, load_images, to_conversation
+from dsvl2.serve.metrics import CONTENT_TYPE
 from dsvl2.serve.runner import EngineRunner, QueueFullError, RunnerStoppedError
 from dsvl2.serve.schemas import (
     APIError,
@@ -58,6 +63,10 @@ class ServeSettings:
     default_max_tokens: int = 512
     default_temperature: float = 1.0  # OpenAI's default
     preprocess_workers: int = 2  # threads decoding images and tokenizing prompts
+    api_keys: KeyRing | None = None  # None: no key needed (loopback, or --no-auth)
+    key_limits: KeyLimits = KeyLimits()
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API (none: same origin only)
+    log_prompts: bool = False  # the access log shows the conversation's text
 
 
 class _CountResponses:
@@ -188,7 +197,9 @@ class _Completion:
     """One accepted request: its engine queue, and what the answer needs (ids, image sizes)."""
 
     def __init__(self, runner: EngineRunner, settings: ServeSettings, chat: ChatCompletionRequest,
-                 request_id: str, queue: asyncio.Queue[TokenEvent], image_sizes: list[tuple[int, int]]) -> None:
+                 request_id: str, queue: asyncio.Queue[TokenEvent], image_sizes: list[tuple[int, int]],
+                 state: dict[str, Any]) -> None:
+        self.state = state  # the request's scope state: the access gate reads "usage" from it
         self.runner = runner
         self.settings = settings
         self.chat = chat
@@ -230,6 +241,7 @@ class _Completion:
         error = _finish_error(final)
         if error is not None:
             return JSONResponse(error.body(), status_code=error.status)
+        self.state["usage"] = (final.prompt_tokens, final.completion_tokens)
         text = "".join(pieces)
         body = completion_body(self.completion_id, self.settings.served_model_name, text, final.finish_reason or "stop",
                                grounding_entries(text, self.image_sizes), final.prompt_tokens,
@@ -254,6 +266,7 @@ class _Completion:
             if error is not None:
                 yield _sse(error.body())
             else:
+                self.state["usage"] = (final.prompt_tokens, final.completion_tokens)
                 delta = {"grounding": grounding_entries("".join(pieces), self.image_sizes)}
                 yield _sse(chunk_body(self.completion_id, model, self.created, delta, final.finish_reason or "stop"))
                 if self.chat.stream_options is not None and self.chat.stream_options.include_usage:
@@ -280,7 +293,7 @@ def create_app(runner: EngineRunner, settings: ServeSettings, manage_runner: boo
                 runner.stop()
 
     app = FastAPI(title="dsvl2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_CountResponses, count=runner.metrics.count_response)
+    _add_middleware(app, runner, settings)
     started_at = int(time.time())
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     _add_error_handlers(app)
@@ -296,15 +309,8 @@ def create_app(runner: EngineRunner, settings: ServeSettings, manage_runner: boo
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        engine = runner.engine
-        gauges = {
-            "dsvl2_queue_length": ("Requests waiting for a batch slot.", lambda: engine.num_waiting),
-            "dsvl2_running_requests": ("Requests being generated.", lambda: engine.num_running),
-            "dsvl2_pending_requests": ("Requests accepted by the server and not finished.",
-                                       lambda: runner.num_pending),
-        }
-        return PlainTextResponse(runner.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(runner.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card() -> dict[str, Any]:
         # image_tag_position tells a client whether this model reads a question's images before the text
@@ -327,12 +333,26 @@ def create_app(runner: EngineRunner, settings: ServeSettings, manage_runner: boo
         chat = parse_request(_decode_json(await _read_body(request, settings.max_body_bytes)))
         if chat.model is not None and chat.model != settings.served_model_name:
             raise _unknown_model(chat.model, settings)
-        completion = await _accept(runner, settings, chat, app.state.preprocess_limiter)
+        state = request.scope.setdefault("state", {})
+        if settings.log_prompts:
+            state["prompt"] = prompt_summary(chat.messages)
+        completion = await _accept(runner, settings, chat, app.state.preprocess_limiter, state)
         if chat.stream:
             return _EngineStreamResponse(completion.stream(), completion.release)
         return await completion.answer(request.receive)
 
     return app
+
+
+def _add_middleware(app: FastAPI, runner: EngineRunner, settings: ServeSettings) -> None:
+    """Outermost first: CORS (so that preflights and refusals carry its headers), counting, the access gate."""
+    limiter = KeyLimiter(settings.key_limits) if settings.key_limits.active else None
+    runner.metrics.set_key_limits(settings.key_limits.max_concurrent, settings.key_limits.per_minute)
+    app.add_middleware(AccessGate, keys=settings.api_keys, limiter=limiter, metrics=runner.metrics)
+    app.add_middleware(_CountResponses, count=runner.metrics.count_response)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
 
 def _unknown_model(model: str, settings: ServeSettings) -> APIError:
@@ -353,7 +373,7 @@ def _prepare_and_submit(runner: EngineRunner, settings: ServeSettings, conversat
 
 
 async def _accept(runner: EngineRunner, settings: ServeSettings, chat: ChatCompletionRequest,
-                  limiter: anyio.CapacityLimiter) -> _Completion:
+                  limiter: anyio.CapacityLimiter, state: dict[str, Any]) -> _Completion:
     """Convert, decode and submit a request; every refusal is an APIError with its status."""
     conversation, sources = to_conversation(chat.messages, settings.allow_local_files, settings.max_images)
     sampling = _sampling(chat, settings)
@@ -367,7 +387,7 @@ async def _accept(runner: EngineRunner, settings: ServeSettings, chat: ChatCompl
         raise APIError(503, str(exc), "unavailable", error_type="server_error") from None
     except InputError as exc:
         raise _input_error(exc) from None
-    return _Completion(runner, settings, chat, request_id, queue, image_sizes)
+    return _Completion(runner, settings, chat, request_id, queue, image_sizes, state)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
 
 from dsvl2.cli_common import add_model_arguments, load_engine
 from dsvl2.errors import InputError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +38,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess-workers", type=int, default=2,
                         help="threads decoding images and tokenizing prompts (bounds their memory)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _add_access_arguments(parser)
+
+
+def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who may use the server: keys, TLS, per-key limits, CORS, the access log."""
+    group = parser.add_argument_group("access (serving others than this machine)")
+    group.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="a key clients must send as 'Authorization: Bearer KEY' on /v1/ and /metrics "
+                            "(repeatable; visible in the process list: prefer --api-key-file or $DSVL2_API_KEY)")
+    group.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                       help="a file of keys, one a line ('#' starts a comment); re-read on SIGHUP")
+    group.add_argument("--no-auth", action="store_true",
+                       help="serve a non-loopback --host without keys (anyone reaching the port can use it)")
+    group.add_argument("--ssl-certfile", type=Path, default=None, help="TLS certificate (PEM): serve HTTPS")
+    group.add_argument("--ssl-keyfile", type=Path, default=None,
+                       help="the certificate's private key (PEM), unless the certificate file holds it")
+    group.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
+                       help="generation requests one key may have running at once (429 above; default: no limit)")
+    group.add_argument("--requests-per-minute-per-key", type=int, default=None, metavar="N",
+                       help="generation requests one key may start in any 60 s (429 above; default: no limit)")
+    group.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="an origin (https://host:port) whose pages may call the API (repeatable; default: none)")
+    group.add_argument("--log-prompts", action="store_true",
+                       help="write each conversation's text into the access log (images as [image])")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -50,16 +86,52 @@ def check_arguments(args: argparse.Namespace) -> None:
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from None
     for name in ("max_batch", "max_len", "max_pending", "max_body_mb", "max_image_pixels", "max_images",
-                 "default_max_tokens", "preprocess_workers"):
+                 "default_max_tokens", "preprocess_workers", "max_concurrent_per_key", "requests_per_minute_per_key"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    if args.allow_local_files and args.host not in _LOOPBACK_HOSTS:
+    args.key_ring = _key_ring(args)
+    _check_tls(args)
+    for origin in args.cors_origin:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise SystemExit(f"error: --cors-origin {origin}: give an origin as scheme://host[:port], or *")
+    if args.allow_local_files and not is_loopback(args.host):
         print(f"warning: --allow-local-files on {args.host}: any client that reaches this address can make the "
               "server read image files it has access to", file=sys.stderr)
+
+
+def _key_ring(args: argparse.Namespace):
+    """The accepted keys (None: none needed); refuses to serve a non-loopback host without keys."""
+    from dsvl2.serve.auth import ENV_VAR, KeyRing
+
+    keys = [*args.api_key, os.environ.get(ENV_VAR, "").strip()]
+    if args.api_key_file is None and not any(keys):
+        if not is_loopback(args.host) and not args.no_auth:
+            raise SystemExit(f"error: --host {args.host} is reachable from other machines and no API key is set, "
+                             "so anyone who reaches the port could use the model: give keys with --api-key-file, "
+                             f"--api-key or ${ENV_VAR}, or pass --no-auth to serve without keys")
+        return None
+    if args.no_auth:
+        raise SystemExit("error: --no-auth and API keys (--api-key, --api-key-file or "
+                         f"${ENV_VAR}) contradict each other: give one or the other")
+    if any(any(character.isspace() for character in key) for key in args.api_key):
+        raise SystemExit("error: an --api-key has a space in it")
+    try:
+        return KeyRing(keys, args.api_key_file)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    if args.ssl_keyfile is not None and args.ssl_certfile is None:
+        raise SystemExit("error: --ssl-keyfile needs --ssl-certfile (the certificate it belongs to)")
+    for option, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"error: {option} {path}: no such file")
 
 
 def build_settings(args: argparse.Namespace):
     from dsvl2.images import DEFAULT_MAX_PIXELS
     from dsvl2.serve.app import ServeSettings
+    from dsvl2.serve.limits import KeyLimits
 
     return ServeSettings(
         served_model_name=args.served_model_name or args.model.resolve().name,
@@ -69,6 +141,10 @@ def build_settings(args: argparse.Namespace):
         max_images=args.max_images,
         default_max_tokens=args.default_max_tokens,
         preprocess_workers=args.preprocess_workers,
+        api_keys=args.key_ring,
+        key_limits=KeyLimits(args.max_concurrent_per_key, args.requests_per_minute_per_key),
+        cors_origins=tuple(args.cors_origin),
+        log_prompts=args.log_prompts,
     )
 
 
@@ -85,8 +161,14 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args, max_batch=args.max_batch, progress=False)
     runner = EngineRunner(engine, max_pending=args.max_pending)
     app = create_app(runner, settings)
-    print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    if settings.api_keys is not None and args.api_key_file is not None:
+        signal.signal(signal.SIGHUP, lambda *_: settings.api_keys.reload())
+    scheme = "https" if args.ssl_certfile else "http"
+    keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys is not None else "no API key"
+    print(f"serving {settings.served_model_name!r} on {scheme}://{args.host}:{args.port} ({keys})", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,18 +25,21 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
-    """Status and JSON body of a GET (error statuses included)."""
+def get_json(url: str, timeout: float = 5.0, context: ssl.SSLContext | None = None,
+             key: str | None = None) -> tuple[int, dict]:
+    """Status and JSON body of a GET (error statuses included); `context` for HTTPS, `key` sent as a bearer key."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout,
+                                    context=context) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def _healthy(base_url: str) -> bool:
+def _healthy(base_url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
-        status, body = get_json(base_url + "/health", timeout=2.0)
+        status, body = get_json(base_url + "/health", timeout=2.0, context=context)
     except (OSError, ValueError):
         return False
     return status == 200 and body.get("status") == "ok"
@@ -80,10 +84,12 @@ class ThreadedServer:
 
 
 class ServerProcess:
-    """`python -m dsvl2.serve` in a child process; ready once /health answers ok."""
+    """`python -m dsvl2.serve` in a child process; ready once /health answers ok. With `ssl_context` (one
+    that trusts the server's certificate, whose options `extra_args` gives) it is reached over HTTPS."""
 
     def __init__(self, model_dir: str | Path, extra_args: list[str] | None = None, host: str = LOOPBACK,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
         self.model_dir = Path(model_dir)
         self.extra_args = list(extra_args or [])
         self.host = host
@@ -94,7 +100,8 @@ class ServerProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -118,7 +125,7 @@ class ServerProcess:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     break
-                if _healthy(self.base_url):
+                if _healthy(self.base_url, self.ssl_context):
                     return self
                 time.sleep(0.1)
             else:

@@ -46,6 +46,10 @@ class EngineRunner:
         self.engine = engine
         self.max_pending = max_pending
         self.metrics = metrics or ServerMetrics()
+        self.metrics.watch("dsvl2_queue_length", "Requests waiting for a batch slot.", lambda: engine.num_waiting)
+        self.metrics.watch("dsvl2_running_requests", "Requests being generated.", lambda: engine.num_running)
+        self.metrics.watch("dsvl2_pending_requests", "Requests accepted by the server and not finished.",
+                           lambda: self.num_pending)
         self.error_backoff_s = error_backoff_s
         self._cond = threading.Condition()
         self._listeners: dict[str, _Listener] = {}
