@@ -65,7 +65,7 @@ from dsvl2.checkpoint import build_model, load_model
 from dsvl2.config import load_json, model_config_from_dict
 from dsvl2.defaults import default_model_dir
 from dsvl2.language.model import LayerOutput, shifted_cross_entropy
-from dsvl2.model import DeepseekVL2, init_weights, merge_image_embeddings
+from dsvl2.model import DeepseekVL2, init_weights
 from dsvl2.processor import Processor, Sample
 from dsvl2.train.synthetic import SHAPE_KINDS as KINDS
 from dsvl2.train.synthetic import generate_records
@@ -256,8 +256,7 @@ def forward(model: DeepseekVL2, processor: Processor, features: ExactFeatures | 
     batch = processor.batch([sample for _, sample, _ in examples])
     side = processor.tokens_per_side
     embeds = [features.embed(record, centres, side * (side + 1)) for record, _, centres in examples]
-    inputs = merge_image_embeddings(model.language.model.embed_tokens(batch.input_ids), batch.images_seq_mask,
-                                    torch.cat(embeds))
+    inputs = model.embed_with_images(batch.input_ids, batch.images_seq_mask, embeds)
     out = model(inputs_embeds=inputs, attention_mask=batch.attention_mask)
     if relevance is None:
         return out.logits, batch.labels, None
