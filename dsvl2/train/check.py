@@ -135,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", type=Path, nargs="?", default=None,
                         help="training recipe: its sources, model, stage and data.max_length")
     parser.add_argument("--data", type=Path, action="append", default=[], metavar="FILE",
-                        help="check these data files or folders instead of a recipe's (needs --model)")
+                        help="check this data file or folder (repeatable; each its own source) instead of a "
+                        "recipe's data (needs --model)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="with --data: the records' format")
     parser.add_argument("--image-root", type=Path, default=None,
                         help="with --data: image paths are relative to this folder (default: each file's folder)")
@@ -166,7 +167,8 @@ def _setup(args: argparse.Namespace) -> tuple[list[DataSource], Processor, int |
         raise RecipeError("--data needs --model DIR (the checkpoint whose processor counts the tokens)")
     processor = load_processor(args.model)
     processor.config = dataclasses.replace(processor.config, mask_prompt=stage_mask_prompt("sft"))
-    return [DataSource("data", tuple(args.data), 1.0, args.format, args.image_root)], processor, args.max_length
+    sources = [DataSource(str(path), (path,), 1.0, args.format, args.image_root) for path in args.data]
+    return sources, processor, args.max_length
 
 
 def _recipe_processor(recipe: TrainRecipe) -> Processor:

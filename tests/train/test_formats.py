@@ -199,3 +199,64 @@ def test_streams_of_each_file_kind_resume_exactly(tmp_path: Path, kind: str) -> 
     again = ShardStream("s", shards, 3, 0, shuffle_buffer=4)
     again.load_state_dict(state)
     assert head + _stream_ids(again, 17) == whole
+
+
+# --------------------------------------------------------------------------------------------------
+# Training on them
+# --------------------------------------------------------------------------------------------------
+
+
+def _recipe(conf_dir: Path, out: Path, source: dict, steps: int = 2, strict: bool = False):
+    from dsvl2.train.recipe import recipe_from_dict
+
+    return recipe_from_dict({
+        "stage": "sft", "model": {"checkpoint": str(conf_dir / "tiny_like")},
+        "data": {"sources": [{"name": "s", **source}], "shuffle_buffer": 1, "strict": strict},
+        "optimizer": {"lr": 1e-3}, "schedule": {"kind": "constant"},
+        "training": {"steps": steps, "micro_batch_size": 1, "freeze": ["vision"]},
+        "output": {"dir": str(out), "save_every": 100, "progress": False, "log_every": 1},
+    }, out.parent)
+
+
+@pytest.mark.parametrize("shape", ["dsvl2", "llava", "sharegpt", "parquet"])
+def test_train_a_few_steps_on_each_shape(conf_dir: Path, shapes: dict[str, Path], tmp_path: Path, shape) -> None:
+    from dsvl2.train.trainer import Trainer
+
+    history = Trainer(_recipe(conf_dir, tmp_path / "run", {"paths": [str(shapes[shape])]})).train()
+    assert [record["step"] for record in history] == [1, 2]
+    assert all(record["loss"] > 0 and record["skipped"] == {} for record in history)
+    assert history[1]["loss"] < history[0]["loss"]  # the same record twice: learnt
+    assert not (tmp_path / "run" / "skipped.jsonl").exists()
+
+
+def _with_bad_records(folder: Path) -> Path:
+    images = write_images(folder)
+    good, missing = dsvl2_record(images), dsvl2_record([images[0], "img/gone.png"])
+    path = folder / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (good, missing, good, good, "not a record")) + "\n")
+    return path
+
+
+def test_unusable_records_are_listed_beside_the_checkpoints(conf_dir: Path, tmp_path: Path, capsys) -> None:
+    from dsvl2.train import trainer
+
+    path = _with_bad_records(tmp_path)
+    whole = tmp_path / "whole"
+    trainer.Trainer(_recipe(conf_dir, whole, {"paths": [str(path)]}, steps=4)).train()
+    skipped = [json.loads(line) for line in (whole / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["where"], s["reason"]) for s in skipped] == [
+        (2, f"{path}:2", "missing_image"), (4, f"{path}:5", "invalid_record")]
+    assert "gone.png" in skipped[0]["message"]
+    log = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped"] == {"missing_image": 1, "invalid_record": 1}
+    resumed = tmp_path / "resumed"
+    trainer.Trainer(_recipe(conf_dir, resumed, {"paths": [str(path)]}, steps=4)).train(stop_at=3)
+    (resumed / "skipped.jsonl").write_text((resumed / "skipped.jsonl").read_text() + '{"step": 4}\n')  # a crash
+    trainer.Trainer(_recipe(conf_dir, resumed, {"paths": [str(path)]}, steps=4), resume=True).train()
+    assert (resumed / "skipped.jsonl").read_text() == (whole / "skipped.jsonl").read_text()
+
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text(json.dumps({**_recipe(conf_dir, tmp_path / "strict", {"paths": [str(path)]}).raw}))
+    assert trainer.main([str(recipe), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}:2: image file" in err and "--strict" in err
