@@ -1,6 +1,7 @@
 """The server under concurrent load, over loopback: isolation of streams, survival and memory.
 
-A real server process serves the tiny_like conformance checkpoint. Answers are greedy with few
+A real server process serves the tiny_like conformance checkpoint with an API key, which every
+request sends (the key check and the access gate are part of what is under load). Answers are greedy with few
 tokens so the whole file stays within about a minute on two cores.
 """
 
@@ -22,6 +23,8 @@ pytest.importorskip("fastapi", reason="the serve extra is needed (pip install -e
 from dsvl2.serve.launch import ServerProcess, get_json  # noqa: E402
 
 SERVED_NAME = "tiny-load"
+KEY = "sk-load-test-5e1d"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 CONCURRENT = 64
 MAX_TOKENS = 6
 IMAGES = ("square", "tiny", "wide", "tall")
@@ -45,7 +48,7 @@ def image_urls(conf_dir: Path) -> dict[str, str]:
 def server(model_dir: Path):
     args = ["--served-model-name", SERVED_NAME, "--max-pending", str(CONCURRENT + 16), "--max-batch", "8",
             "--device", "cpu", "--dtype", "float32"]
-    with ServerProcess(model_dir, args) as process:
+    with ServerProcess(model_dir, args, env={"DSVL2_API_KEY": KEY}) as process:
         yield process
 
 
@@ -64,7 +67,7 @@ def request_body(number: int, image_urls: dict[str, str], stream: bool, max_toke
 def _post(base_url: str, body: dict | bytes, timeout: float = 120):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(base_url + "/v1/chat/completions", data=data,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **AUTH})
     return urllib.request.urlopen(request, timeout=timeout)
 
 
@@ -145,7 +148,7 @@ def _one_of_many(base_url: str, number: int, kind: str, image_urls: dict[str, st
 
 
 def metric(base_url: str, name: str) -> float:
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+    with urllib.request.urlopen(urllib.request.Request(base_url + "/metrics", headers=AUTH), timeout=10) as response:
         for line in response.read().decode().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[-1])
@@ -177,7 +180,7 @@ def test_survives_malformed_and_disconnected_requests_without_growing(server: Se
     assert _wait_for(lambda: metric(base, 'dsvl2_request_finish_total{reason="cancelled"}') - cancelled_before == 20)
     assert metric(base, "dsvl2_pending_requests") == 0
     assert get_json(base + "/health") == (200, {"status": "ok"})
-    status, body = get_json(base + "/v1/models")
+    status, body = get_json(base + "/v1/models", key=KEY)
     assert status == 200 and body["data"][0]["id"] == SERVED_NAME
     final = server.rss_bytes()
     assert final <= baseline * 1.10, f"RSS grew from {baseline / 2**20:.0f} MiB to {final / 2**20:.0f} MiB"

@@ -30,6 +30,7 @@ pytest.importorskip("fastapi", reason="the serve extra is needed (pip install -e
 
 from dsvl2.engine.generate import Engine  # noqa: E402
 from dsvl2.serve.app import ServeSettings, create_app  # noqa: E402
+from dsvl2.serve.auth import KeyRing  # noqa: E402
 from dsvl2.serve.launch import ThreadedServer  # noqa: E402
 from dsvl2.serve.runner import EngineRunner  # noqa: E402
 
@@ -218,3 +219,40 @@ def test_message_parts_follow_the_model_cards_image_tag_position(browser, served
     page.wait_for_selector(".msg.error", timeout=10_000)  # the aborted request
     assert [part["type"] for part in sent[0]["messages"][-1]["content"]] == order
     page.close()
+
+
+PAGE_KEY = "sk-page-test-91c4e7"
+MODEL_SHOWN = f"document.getElementById('model-name').textContent === '{SERVED_NAME}'"
+
+
+def test_the_page_asks_for_its_key_and_says_when_it_is_refused(browser, conf_dir: Path) -> None:
+    import torch
+
+    # An engine of its own: two runners must never step one engine.
+    engine = Engine.from_pretrained(conf_dir / "tiny_like", dtype=torch.float32, device="cpu")
+    settings = ServeSettings(served_model_name=SERVED_NAME, api_keys=KeyRing([PAGE_KEY]))
+    with ThreadedServer(create_app(EngineRunner(engine), settings)) as server:
+        page = browser.new_page()
+        page.goto(server.base_url + "/")
+        page.wait_for_selector("#key-form", state="visible")
+        assert page.inner_text("#key-message") == "This server needs an API key."
+        page.fill("#api-key", PAGE_KEY[:-1] + "8")
+        page.click("#use-key")
+        page.wait_for_function("document.getElementById('key-message').classList.contains('refused')")
+        assert page.inner_text("#key-message") == "The server refused this key."
+        assert page.evaluate("sessionStorage.getItem('dsvl2-api-key')") is None
+        page.fill("#api-key", PAGE_KEY)
+        page.click("#use-key")
+        page.wait_for_function(MODEL_SHOWN)
+        assert page.is_hidden("#key-form")
+        page.fill("#max-tokens", "3")
+        page.fill("#prompt", "Hello there.")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant.done", timeout=30_000)
+        assert page.locator(".msg.error").count() == 0
+        # Kept for this tab only: a reload needs no new key, and nothing is left in lasting storage.
+        assert page.evaluate("sessionStorage.getItem('dsvl2-api-key')") == PAGE_KEY
+        assert page.evaluate("localStorage.length") == 0 and page.evaluate("document.cookie") == ""
+        page.reload()
+        page.wait_for_function(MODEL_SHOWN)
+        page.close()
