@@ -23,6 +23,17 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def check_key(key: str, where: str) -> None:
+    """A key travels in an HTTP header: printable ASCII without spaces."""
+    if not all("!" <= character <= "~" for character in key):
+        raise InputError(f"{where} has a space or a character other than printable ASCII; "
+                         "a key is one word of printable ASCII")
+
+
 def read_key_file(path: Path) -> list[str]:
     """The keys of `path`, one a line; blank lines and lines starting with '#' are skipped."""
     try:
@@ -34,9 +45,7 @@ def read_key_file(path: Path) -> list[str]:
     keys = [line.strip() for line in text.splitlines()]
     keys = [key for key in keys if key and not key.startswith("#")]
     for number, key in enumerate(keys, 1):
-        if any(character.isspace() for character in key):
-            raise InputError(f"the API key file {path} has a key with a space in it (key {number}): "
-                             "write one key a line")
+        check_key(key, f"key {number} of the API key file {path}")
     if not keys:
         raise InputError(f"the API key file {path} holds no key (one key a line)")
     return keys
@@ -59,14 +68,14 @@ class KeyRing:
         self._fixed = tuple(key for key in keys if key)
         self.key_file = key_file
         self._lock = threading.Lock()
-        self._keys: tuple[bytes, ...] = ()
+        self._digests: dict[bytes, str] = {}  # SHA-256 of each key -> its short hash
         self._load()
 
     def _load(self) -> None:
         from_file = read_key_file(self.key_file) if self.key_file is not None else []
-        keys = tuple(dict.fromkeys(key.encode() for key in (*self._fixed, *from_file)))
+        digests = {_digest(key): key_hash(key) for key in (*self._fixed, *from_file)}
         with self._lock:
-            self._keys = keys
+            self._digests = digests
 
     def reload(self) -> bool:
         """Re-read the key file; on a problem the old keys stay and the problem is logged."""
@@ -75,22 +84,22 @@ class KeyRing:
         except InputError as exc:
             logger.error("API keys not reloaded, the previous keys stay valid: %s", exc)
             return False
-        logger.info("API keys reloaded: %d key(s)", len(self._keys))
+        logger.info("API keys reloaded: %d key(s)", len(self))
         return True
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._digests)
 
     def match(self, token: str | None) -> str | None:
-        """The hash of the key `token` is, or None. Every key is compared, each in constant time, so the
-        answer's timing tells nothing about which key, or how much of one, was right."""
+        """The short hash of the key `token` is, or None. Digests of equal length are compared, every one
+        in constant time, so the answer's timing tells nothing of which key, how much of it, or its length."""
         if token is None:
             return None
-        presented = token.encode()
+        presented = _digest(token)
         with self._lock:
-            keys = self._keys
+            digests = self._digests
         found = None
-        for key in keys:
-            if hmac.compare_digest(key, presented):
-                found = key
-        return key_hash(found.decode()) if found is not None else None
+        for digest, name in digests.items():
+            if hmac.compare_digest(digest, presented):
+                found = name
+        return found

@@ -55,7 +55,8 @@ def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ssl-keyfile", type=Path, default=None,
                        help="the certificate's private key (PEM), unless the certificate file holds it")
     group.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
-                       help="generation requests one key may have running at once (429 above; default: no limit)")
+                       help="generation requests one key may have running at once (429 above; default: no limit; "
+                            "without keys all clients share one count)")
     group.add_argument("--requests-per-minute-per-key", type=int, default=None, metavar="N",
                        help="generation requests one key may start in any 60 s (429 above; default: no limit)")
     group.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -100,7 +101,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def _key_ring(args: argparse.Namespace):
     """The accepted keys (None: none needed); refuses to serve a non-loopback host without keys."""
-    from dsvl2.serve.auth import ENV_VAR, KeyRing
+    from dsvl2.serve.auth import ENV_VAR, KeyRing, check_key
 
     keys = [*args.api_key, os.environ.get(ENV_VAR, "").strip()]
     if args.api_key_file is None and not any(keys):
@@ -112,9 +113,10 @@ def _key_ring(args: argparse.Namespace):
     if args.no_auth:
         raise SystemExit("error: --no-auth and API keys (--api-key, --api-key-file or "
                          f"${ENV_VAR}) contradict each other: give one or the other")
-    if any(any(character.isspace() for character in key) for key in args.api_key):
-        raise SystemExit("error: an --api-key has a space in it")
     try:
+        for key in args.api_key:
+            check_key(key, "an --api-key")
+        check_key(keys[-1], f"${ENV_VAR}")
         return KeyRing(keys, args.api_key_file)
     except InputError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -156,6 +156,9 @@ def test_another_host_without_keys_is_refused_unless_no_auth(model_dir: Path, mo
     empty.write_text("# no key yet\n\n")
     with pytest.raises(SystemExit, match=f"the API key file {empty} holds no key"):
         check_arguments(_args(model_dir, "--api-key-file", str(empty)))
+    empty.write_text("sk-good\nsk-two words\n")
+    with pytest.raises(SystemExit, match=f"key 2 of the API key file {empty} has a space"):
+        check_arguments(_args(model_dir, "--api-key-file", str(empty)))
     with pytest.raises(SystemExit, match="--ssl-keyfile needs --ssl-certfile"):
         check_arguments(_args(model_dir, "--ssl-keyfile", str(empty)))
 
