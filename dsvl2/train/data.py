@@ -1,10 +1,11 @@
-"""Streaming training data: JSON Lines shards, a weighted mixture of sources, exact resume.
+"""Streaming training data: sources in several file formats, a weighted mixture of sources, exact resume.
 
-A shard is a JSON Lines file with one record per line, either a conversation
+A source's records are conversations in one of the shapes of `dsvl2.train.formats` (ours, ShareGPT,
+LLaVA, Hugging Face parquet). Ours is a JSON Lines file with one record per line, either a conversation
 
     {"messages": [{"role": "user", "content": "<image>\\nWhat is this?"},
                   {"role": "assistant", "content": "A cat."}],
-     "images": ["images/cat.png"]}                # paths relative to the shard's folder
+     "images": ["images/cat.png"]}                # paths relative to the shard's folder (or image_root)
 
 or plain text `{"text": "..."}`, trained on as begin-of-sentence + tokens + end-of-sentence
 with every token in the loss (cut to `max_length`). Captions, OCR, VQA, grounding, grounded
@@ -13,7 +14,8 @@ conversations. Other keys of a conversation are ignored unless the dataset is gi
 them (`fields`, what a recipe's extensions read): their checked values travel in the sample's and the
 batch's `extras`. A bad record (invalid JSON, missing image file, wrong `<image>` count, undecodable
 image, too long, a field its reader refuses, ...) is skipped, counted by reason and logged with its
-shard and line; it never stops a run.
+file and line (row, element); where and why travel with the batch (`TrainLoader.take_skipped_records`),
+for the trainer's skipped.jsonl. It never stops a run unless the trainer is strict.
 
 How the stream is made and split. Each source reads its shards in a seeded order per epoch
 (the epochs never end) through a bounded shuffle buffer; a seeded RNG draws the source of each
@@ -24,7 +26,8 @@ worker numbered c mod (world_size * num_workers). So no record goes to two worke
 step of `world_size * grad_accum` micro-batches holds the same records for every split of the
 same global batch size (without bad records), e.g. 2 ranks x 2 samples or 1 rank x 4 samples.
 
-Resume: each worker's position, shard cursors, shuffle buffers and RNG states travel with every
+Resume: each worker's position, shard cursors, shuffle buffers (parquet rows in them by
+position only, read again on restore) and RNG states travel with every
 batch it yields; `TrainLoader.state_dict()` keeps the last ones consumed, and a loader restored
 from it yields exactly the batches the interrupted one would have yielded next.
 """

@@ -9,6 +9,8 @@ by their global count), so any split of the same global batch gives the same los
 Checkpoints (`dsvl2.train.checkpoints`) hold the optimiser, scheduler, data position and RNG
 states of every rank, so `--resume` continues the same loss curve. A recipe's extensions
 (`dsvl2.train.extension`) add their losses to the step; a recipe's `trainer` replaces this one.
+A record that cannot be used is skipped, counted in the log and listed in `skipped.jsonl` beside the
+checkpoints (step, file and line, reason); with `--strict` (data.strict) it stops the run instead.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def write_parquet(path: Path, rows: list[dict], row_group_size: int = 2) -> Path
 
 
 def parquet_row(folder: Path, images: list[str]) -> dict:
-    return {"images": [{"bytes": (folder / p).read_bytes(), "path": None} for p in images],
+    # A Hugging Face dataset keeps the original file name beside the bytes; that file is not at hand.
+    return {"images": [{"bytes": (folder / p).read_bytes(), "path": Path(p).name} for p in images],
             "messages": [{"role": r, "content": c} for r, c in TURNS]}
 
 
