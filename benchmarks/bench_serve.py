@@ -10,6 +10,7 @@ holds back, so no text would reach the client before the end). Half of the reque
     python benchmarks/bench_serve.py                      # conformance tiny_like, server process
     python benchmarks/bench_serve.py --model DIR          # any checkpoint directory
     python benchmarks/bench_serve.py --tiny-dims          # DeepSeek-VL2-Tiny dimensions, random weights
+    python benchmarks/bench_serve.py --api-key KEY        # the server needs KEY; every client sends it
 
 With `--tiny-dims` the model is built in memory by benchmarks/bench_generate.py's `random_model`
 (no checkpoint is written) and served from a thread of this process. Results are printed and
@@ -44,12 +45,17 @@ def percentile(values: list[float], fraction: float) -> float:
 
 # ----------------------------------------------------------------------------- one client request
 
-def stream_one(host: str, port: int, body: dict[str, Any]) -> dict[str, float]:
+def auth_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def stream_one(host: str, port: int, body: dict[str, Any], key: str | None = None) -> dict[str, float]:
     """Send one streamed request; seconds to the first text chunk and to the end, tokens received."""
     connection = http.client.HTTPConnection(host, port, timeout=600)
     payload = json.dumps(body).encode()
     start = time.perf_counter()
-    connection.request("POST", "/v1/chat/completions", body=payload, headers={"Content-Type": "application/json"})
+    connection.request("POST", "/v1/chat/completions", body=payload,
+                       headers={"Content-Type": "application/json", **auth_headers(key)})
     response = connection.getresponse()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
@@ -82,10 +88,10 @@ def request_body(model: str, number: int, image_url: str | None, max_tokens: int
             "stream_options": {"include_usage": True}}
 
 
-def server_ttft(host: str, port: int) -> tuple[dict[float, float], float, float]:
+def server_ttft(host: str, port: int, key: str | None = None) -> tuple[dict[float, float], float, float]:
     """The server's time-to-first-token histogram: cumulative bucket counts, sum, count."""
     connection = http.client.HTTPConnection(host, port, timeout=60)
-    connection.request("GET", "/metrics")
+    connection.request("GET", "/metrics", headers=auth_headers(key))
     text = connection.getresponse().read().decode()
     connection.close()
     buckets, total, count = {}, 0.0, 0.0
@@ -108,14 +114,14 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], fract
 
 
 def run_level(host: str, port: int, model: str, concurrency: int, requests: int, image_url: str | None,
-              max_tokens: int, first_number: int) -> dict[str, Any]:
+              max_tokens: int, first_number: int, key: str | None = None) -> dict[str, Any]:
     bodies = [request_body(model, first_number + n, image_url, max_tokens) for n in range(requests)]
-    buckets_before, sum_before, count_before = server_ttft(host, port)
+    buckets_before, sum_before, count_before = server_ttft(host, port, key)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda body: stream_one(host, port, body), bodies))
+        results = list(pool.map(lambda body: stream_one(host, port, body, key), bodies))
     wall = time.perf_counter() - start
-    buckets_after, sum_after, count_after = server_ttft(host, port)
+    buckets_after, sum_after, count_after = server_ttft(host, port, key)
     ttfts = [r["ttft"] for r in results]
     return {
         "concurrency": concurrency,
@@ -170,18 +176,21 @@ class _Server:
         args = self.args
         if args.tiny_dims:
             from dsvl2.serve.app import ServeSettings, create_app
+            from dsvl2.serve.auth import KeyRing
             from dsvl2.serve.runner import EngineRunner
 
             device = _device(args.device)
             dtype = "bfloat16" if args.dtype == "auto" else args.dtype  # float32 would need 13.5 GB
             engine = tiny_dims_engine(dtype, device, args.max_batch)
             app = create_app(EngineRunner(engine, max_pending=args.max_pending),
-                             ServeSettings(served_model_name=self.model_name))
+                             ServeSettings(served_model_name=self.model_name,
+                                           api_keys=KeyRing([args.api_key]) if args.api_key else None))
             self._inner = ThreadedServer(app).start()
         else:
             extra = ["--served-model-name", self.model_name, "--max-batch", str(args.max_batch), "--max-pending",
                      str(args.max_pending), "--device", args.device, "--dtype", args.dtype]
-            self._inner = ServerProcess(args.model, extra).start(timeout=600)
+            env = {"DSVL2_API_KEY": args.api_key} if args.api_key else None
+            self._inner = ServerProcess(args.model, extra, env=env).start(timeout=600)
         return self
 
     @property
@@ -221,6 +230,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-pending", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--api-key", default=None, help="serve with this API key (sent by every client)")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "serve.json")
     return parser.parse_args()
 
@@ -234,13 +244,13 @@ def main() -> None:
     model_name = "tiny-dims" if args.tiny_dims else args.model.name
     levels = []
     with _Server(args, model_name) as server:
-        stream_one("127.0.0.1", server.port, request_body(model_name, 0, image_url, 4))  # warm-up
-        stream_one("127.0.0.1", server.port, request_body(model_name, 1, image_url, 4))
+        stream_one("127.0.0.1", server.port, request_body(model_name, 0, image_url, 4), args.api_key)  # warm-up
+        stream_one("127.0.0.1", server.port, request_body(model_name, 1, image_url, 4), args.api_key)
         number = 2
         for concurrency in args.concurrency:
             requests = args.requests or max(8, 2 * concurrency)
             level = run_level("127.0.0.1", server.port, model_name, concurrency, requests, image_url,
-                              args.max_tokens, number)
+                              args.max_tokens, number, args.api_key)
             number += requests
             levels.append(level)
             print_level(level)
@@ -252,6 +262,7 @@ def main() -> None:
         "max_batch": args.max_batch,
         "max_tokens": args.max_tokens,
         "image": args.image,
+        "api_key": bool(args.api_key),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_1min_at_end": os.getloadavg()[0]},  # other work on the machine skews timings
         "levels": levels,
