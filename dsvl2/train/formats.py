@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import glob
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ _FOLDER_PATTERNS = {"dsvl2": ("*.jsonl",), "sharegpt": ("*.jsonl",), "llava": ("
                     "parquet": ("**/*.parquet",), "auto": ("*.jsonl", "*.json", "**/*.parquet")}
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 _CHUNK = 1 << 20  # bytes read at a time from a JSON array
+_SPACE = re.compile(r"[ \t\r\n]*")
 _MAX_ELEMENT = 64 << 20  # a JSON array element larger than this is taken as malformed, not buffered on
 
 Payload = bytes | dict  # a record's JSON text, or a parquet row already read
@@ -149,11 +151,9 @@ class _Window:
     def skip_space(self) -> str:
         """The next character that is not white space ("" at the end of the file)."""
         while True:
-            rest = self.text[self.pos:]
-            stripped = rest.lstrip(" \t\r\n")
-            self.take(len(rest) - len(stripped))
-            if stripped:
-                return stripped[0]
+            self.take(_SPACE.match(self.text, self.pos).end() - self.pos)
+            if self.pos < len(self.text):
+                return self.text[self.pos]
             if not self.fill():
                 return ""
 
