@@ -261,3 +261,15 @@ def test_unusable_records_are_listed_beside_the_checkpoints(conf_dir: Path, tmp_
     assert trainer.main([str(recipe), "--strict"]) == 2
     err = capsys.readouterr().err
     assert f"error: {path}:2: image file" in err and "--strict" in err
+
+
+def test_llava_keys_and_image_structs_in_parquet_rows() -> None:
+    row = {"image": {"bytes": b"\x89PNG...", "path": "cat.png"}, "id": 3,
+           "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]}
+    messages, images = formats.conversation(row, "parquet")
+    assert messages == [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}]
+    assert images == [b"\x89PNG..."]
+    assert formats.conversation({**row, "image": {"bytes": None, "path": "cat.png"}}, "parquet")[1] == ["cat.png"]
+    with pytest.raises(formats.SkipRecord, match="message 1 has role 'bot'"):
+        formats.conversation({**row, "conversations": [{"from": "human", "value": "hi"},
+                                                       {"from": "bot", "value": "x"}]}, "llava")
