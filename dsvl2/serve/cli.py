@@ -9,9 +9,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dsvl2.cli_common import add_model_arguments, load_engine
 from dsvl2.errors import InputError
+
+if TYPE_CHECKING:
+    from dsvl2.serve.auth import KeyRing
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -20,7 +24,8 @@ DEFAULT_PORT = 8000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `dsvl2 serve`."""
     add_model_arguments(parser)
-    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to bind (default: loopback only; another address needs API keys or --no-auth)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--served-model-name", default=None,
                         help="model id clients must send (default: the model directory's name)")
@@ -51,8 +56,9 @@ def _add_access_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a file of keys, one a line ('#' starts a comment); re-read on SIGHUP")
     group.add_argument("--no-auth", action="store_true",
                        help="serve a non-loopback --host without keys (anyone reaching the port can use it)")
-    group.add_argument("--ssl-certfile", type=Path, default=None, help="TLS certificate (PEM): serve HTTPS")
-    group.add_argument("--ssl-keyfile", type=Path, default=None,
+    group.add_argument("--ssl-certfile", type=Path, default=None, metavar="FILE",
+                       help="TLS certificate (PEM): serve HTTPS")
+    group.add_argument("--ssl-keyfile", type=Path, default=None, metavar="FILE",
                        help="the certificate's private key (PEM), unless the certificate file holds it")
     group.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
                        help="generation requests one key may have running at once (429 above; default: no limit; "
@@ -94,12 +100,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     for origin in args.cors_origin:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise SystemExit(f"error: --cors-origin {origin}: give an origin as scheme://host[:port], or *")
+    if args.key_ring is not None and args.ssl_certfile is None and not is_loopback(args.host):
+        print(f"warning: API keys on {args.host} over plain HTTP travel unencrypted: give --ssl-certfile, or put "
+              "a TLS proxy in front", file=sys.stderr)
     if args.allow_local_files and not is_loopback(args.host):
         print(f"warning: --allow-local-files on {args.host}: any client that reaches this address can make the "
               "server read image files it has access to", file=sys.stderr)
 
 
-def _key_ring(args: argparse.Namespace):
+def _key_ring(args: argparse.Namespace) -> KeyRing | None:
     """The accepted keys (None: none needed); refuses to serve a non-loopback host without keys."""
     from dsvl2.serve.auth import ENV_VAR, KeyRing, check_key
 
