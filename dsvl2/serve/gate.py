@@ -1,4 +1,4 @@
-"""The gate every HTTP request passes: its API key is checked (on /v1/ and /metrics), its key's limits
+"""The gate every HTTP request passes: its API key is checked (all but the page and /health), its key's limits
 are applied (on generation requests), its key's counts are kept, and one access-log line is written."""
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from dsvl2.serve.schemas import error_body
 access_logger = logging.getLogger("dsvl2.serve.access")
 
 LIMITED_PATH = "/v1/chat/completions"
+# Open to all: the page (it asks for the key itself) and /health (for probes). Everything else, /v1/ and
+# /metrics, needs a key, so that no path spelling can reach an API route around the check.
+PUBLIC_PATHS = ("/", "/health")
 _REFUSED_KEY = "-"  # the access log's name for a request whose key was missing or wrong
 
 
 def needs_key(path: str) -> bool:
-    """The API and the metrics need a key; the page and /health (for probes) do not."""
-    return path.startswith("/v1/") or path == "/metrics"
+    return path not in PUBLIC_PATHS
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -33,8 +33,9 @@ class ServerMetrics:
         self._ttft = Histogram("dsvl2_time_to_first_token_seconds", "Seconds from accepting a request to its first "
                                "generated token.", buckets=TTFT_BUCKETS, registry=registry)
         # Per API key, named by its short hash (dsvl2.serve.auth.key_hash), never in clear.
-        self._key_responses = Counter("dsvl2_key_requests", "HTTP responses to /v1/ and /metrics requests by "
-                                      "API key and status code.", ["key", "status"], registry=registry)
+        self._key_responses = Counter("dsvl2_key_requests", "HTTP responses to requests that need a key (all "
+                                      "but / and /health) by API key and status code.", ["key", "status"],
+                                      registry=registry)
         self._key_limited = Counter("dsvl2_key_rate_limited", "Requests refused with 429 by API key and the limit "
                                     "they exceeded.", ["key", "limit"], registry=registry)
         self._key_tokens = Counter("dsvl2_key_tokens", "Tokens of answered requests by API key and kind (prompt "

@@ -35,7 +35,8 @@ SERVED_NAME = "tiny-keyed"
 KEY = "sk-dsvl2-test-7f3a9c21e8b4d6"
 OTHER_KEY = "sk-dsvl2-test-second-key-01"
 WRONG_KEYS = {"no key": None, "wrong key": "sk-not-a-key-of-this-server", "last character differs": KEY[:-1] + "7"}
-PROTECTED = [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/metrics")]
+PROTECTED = [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/metrics"),
+             ("GET", "/v1/models/" + SERVED_NAME), ("GET", "/./metrics"), ("GET", "//v1/models")]
 
 
 @pytest.fixture(scope="module")
