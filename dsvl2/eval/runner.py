@@ -438,6 +438,13 @@ def sources_from_args(data: Sequence[Path], tasks: Sequence[str] | None) -> list
     return sources
 
 
+def _weights_fingerprint(model_dir: Path) -> list[list]:
+    # Name, size and modification time of the weight files: a model retrained into the same folder is
+    # another run, whose answers must not be taken from the old answers file.
+    files = sorted(model_dir.glob("*.safetensors"))
+    return [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+
+
 def run(args: argparse.Namespace) -> int:
     """Evaluate as the parsed arguments say; 0 on success, 2 for bad input, 1 for a bad checkpoint."""
     return guarded_run(_evaluate, args)
@@ -454,8 +461,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise InputError(f"--submission takes exactly one --data file read as {' or '.join(SUBMISSION_TASKS)}")
     args.model = resolve_model_dir(args.model)
     answers = args.answers or (args.out.with_suffix(".answers.jsonl") if args.out is not None else None)
-    settings = {"model": str(args.model), "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
+    settings = {"model": str(args.model), "weights": _weights_fingerprint(Path(args.model)),
+                "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
     log = AnswerLog(answers, settings) if answers is not None else None
+    if log is not None and log.done:
+        print(f"resuming: {len(log.done)} answers already in {answers}")
     engine = load_engine(args, max_batch=args.batch_size)
     report, results = evaluate_sources(engine, sources, batch_size=args.batch_size, limit=args.limit,
                                        max_new_tokens=args.max_new_tokens, progress=not args.no_progress,

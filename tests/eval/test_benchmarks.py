@@ -310,6 +310,19 @@ def test_bundled_model_answers_every_format_from_the_command_line(bench, tmp_pat
                                          "--no-progress"])) == 0
     assert out.with_suffix(".answers.jsonl").read_text().splitlines() == answers
     assert json.loads(out.read_text())["tasks"] == report["tasks"]
+    assert "resuming: 11 answers already in" in capsys.readouterr().out
+
+
+def test_a_model_rewritten_in_place_is_another_run(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x" * 10)
+    before = runner._weights_fingerprint(tmp_path)
+    weights.write_bytes(b"y" * 11)  # retrained into the same folder
+    assert runner._weights_fingerprint(tmp_path) != before
+    AnswerLog(tmp_path / "answers.jsonl", {"model": str(tmp_path), "weights": before})
+    after = runner._weights_fingerprint(tmp_path)
+    with pytest.raises(InputError, match="belongs to another run"):
+        AnswerLog(tmp_path / "answers.jsonl", {"model": str(tmp_path), "weights": after})
 
 
 def test_items_and_results_keep_the_benchmark_key():
