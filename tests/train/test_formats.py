@@ -273,3 +273,18 @@ def test_llava_keys_and_image_structs_in_parquet_rows() -> None:
     with pytest.raises(formats.SkipRecord, match="message 1 has role 'bot'"):
         formats.conversation({**row, "conversations": [{"from": "human", "value": "hi"},
                                                        {"from": "bot", "value": "x"}]}, "llava")
+
+
+def test_skipped_records_travel_from_loader_workers(processor: Processor, tmp_path: Path) -> None:
+    path = _with_bad_records(tmp_path)
+    seen = {}
+    for workers in (0, 2):
+        loader = TrainLoader(TrainDataset([DataSource("s", (path,))], processor, batch_size=1, shuffle_buffer=1,
+                                          num_workers=workers))
+        batches = [next(loader) for _ in range(6)]
+        seen[workers] = ([b.input_ids.tolist() for b in batches], loader.take_skipped_records())
+        loader.close()
+    assert seen[2] == seen[0]
+    assert [(s["where"], s["reason"]) for s in seen[0][1]] == [(f"{path}:2", "missing_image"),
+                                                               (f"{path}:5", "invalid_record"),
+                                                               (f"{path}:2", "missing_image")]
