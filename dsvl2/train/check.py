@@ -138,11 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check this data file or folder (repeatable; each its own source) instead of a "
                         "recipe's data (needs --model)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="with --data: the records' format")
-    parser.add_argument("--image-root", type=Path, default=None,
+    parser.add_argument("--image-root", type=Path, default=None, metavar="DIR",
                         help="with --data: image paths are relative to this folder (default: each file's folder)")
-    parser.add_argument("--model", type=Path, default=None,
+    parser.add_argument("--model", type=Path, default=None, metavar="DIR",
                         help="with --data: checkpoint folder whose processor and context length count the tokens")
-    parser.add_argument("--max-length", type=int, default=None, help="with --data: token limit (default: context)")
+    parser.add_argument("--max-length", type=int, default=None, metavar="N",
+                        help="with --data: token limit (default: the context length)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the input records' format")
     parser.add_argument("inputs", type=Path, nargs="+", metavar="IN", help="input files, globs or folders")
     parser.add_argument("--out", type=Path, required=True, help="the JSON Lines file to write")
-    parser.add_argument("--image-root", type=Path, default=None,
+    parser.add_argument("--image-root", type=Path, default=None, metavar="DIR",
                         help="input image paths are relative to this folder (default: each input file's folder)")
 
 
