@@ -100,9 +100,9 @@ def bench(tmp_path_factory) -> dict[str, Path]:
         ]),
         "vlmevalkit": _tsv(root / "MMStar.tsv", [
             {"index": 0, "question": "What animal is shown?", "hint": "", "A": "cat", "B": "dog", "C": "bird",
-             "answer": "B", "category": "coarse perception", "image": base64.b64encode(image).decode()},
+             "answer": "B", "category": "coarse perception", "image": "1"},
             {"index": 1, "question": "Which colour?", "hint": "Look closely", "A": "red", "B": "blue", "C": "green",
-             "answer": "A", "category": "fine-grained perception", "image": "0"},
+             "answer": "A", "category": "fine-grained perception", "image": base64.b64encode(image).decode()},
         ]),
     }
 
@@ -133,7 +133,7 @@ def test_each_published_format_is_read_with_its_prompt_images_and_categories(ben
     # [20, 10, 40, 30] px on a 200 x 100 image: x 0.1..0.3, y 0.1..0.4 of the 0..999 grid
     assert ref[0].record["box"] == pytest.approx([99.9, 99.9, 299.7, 399.6])
     choice = _entries("vlmevalkit", bench["vlmevalkit"])
-    assert choice[1].images == choice[0].images  # MMBench-style: "0" is the index of the row with the image
+    assert choice[0].images == choice[1].images  # MMBench-style: "1" is the index of the row with the image
     assert choice[1].conversation[0]["content"] == ("<image>\nHint: Look closely\nQuestion: Which colour?\n"
                                                     "Options:\nA. red\nB. blue\nC. green\n"
                                                     "Answer with the option's letter from the given choices "
@@ -217,15 +217,18 @@ def test_bad_records_are_counted_errors_naming_file_and_record(tmp_path):
     ])
     doc = _json(tmp_path / "val_v1.0.json", {"data": [{"questionId": 7, "question": "q", "image": "png/a.png"}]})
     tsv = _tsv(tmp_path / "AI2D_TEST.tsv", [{"index": 5, "question": "q", "A": "x", "B": "y", "answer": "E",
-                                            "image": base64.b64encode(_png()).decode()}])
+                                            "image": base64.b64encode(_png()).decode()},
+                                           {"index": 6, "question": "q", "A": "x", "B": "y", "answer": "A",
+                                            "image": "99"}])
     sources = runner.sources_from_args([chart, doc, tsv], ["chartqa", "docvqa", "vlmevalkit"])
     report, results = runner.evaluate_sources(_LookupEngine({}), sources)
     errors = [r.error for r in results if r.error]
-    assert report["num_records"] == 5 and report["num_errors"] == 4
+    assert report["num_records"] == 6 and report["num_errors"] == 5
     assert f"{chart} record 2" in errors[0] and "missing.png not found" in errors[0]
     assert f"{chart} record 3" in errors[1] and "no 'label'" in errors[1]
     assert f"{doc} record 1 (id 7)" in errors[2] and "--submission" in errors[2]
     assert f"{tsv} record 1 (id 5)" in errors[3] and "answer E is not one of the options A, B" in errors[3]
+    assert f"{tsv} record 2 (id 6)" in errors[4] and "'image' names no row holding an image" in errors[4]
 
 
 @pytest.mark.parametrize(
