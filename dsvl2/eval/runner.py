@@ -433,8 +433,10 @@ def sources_from_args(data: Sequence[Path], tasks: Sequence[str] | None) -> list
     for source in sources:
         counts[source.task] = counts.get(source.task, 0) + 1
     for source in sources:
+        # VLMEvalKit's files are different benchmarks (AI2D, MMStar, MMBench): each is named by its file.
+        by_file = counts[source.task] > 1 or source.task == "vlmevalkit"
         if source.benchmark is not None:
-            source.label = source.task if counts[source.task] == 1 else f"{source.task}/{source.path.stem}"
+            source.label = f"{source.task}/{source.path.stem}" if by_file else source.task
     return sources
 
 
