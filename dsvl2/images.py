@@ -67,7 +67,11 @@ def _open(source: ImageSource, name: str) -> Image.Image:
         return Image.open(stream)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's own message names its in-memory stream object, which means nothing to a user.
+        message = "not PNG, JPEG, WebP, GIF or another format Pillow reads"
+        raise ImageDecodeError(f"{name}: not a decodable image ({message})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(f"{name}: not a decodable image ({exc})") from exc
 
 
