@@ -28,20 +28,13 @@ from dsvl2.processor import Processor
 from dsvl2.projector import pixel_shuffle
 from dsvl2.tokenizer import Tokenizer
 from dsvl2.train.errors import TrainError
-from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, _font, char_boxes, generate_dataset
+from dsvl2.train.synthetic import SHAPE_COLORS, SHAPE_KINDS, _font, char_boxes
 from tests.conformance_data import REPO
 
 RECIPE_MODEL = REPO / "recipes" / "default" / "model.json"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("scenes")
-    generate_dataset(root, 10, seed=11, tasks=["grounding", "counting", "ocr"])
-    return root
 
 
 def _records(folder: Path) -> list[dict]:

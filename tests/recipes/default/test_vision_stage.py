@@ -32,13 +32,6 @@ RECIPE_MODEL = REPO / "recipes" / "default" / "model.json"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("scenes")
-    generate_dataset(root, 10, seed=11, tasks=["grounding", "counting", "ocr"])
-    return root
-
-
 def _records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
 
