@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dsvl2 import cli
+from dsvl2.chat import ChatSession
 from dsvl2.engine.generate import Engine, Request
 from dsvl2.engine.sampling import SamplingParams
 from tests.conformance_data import conformance_dir, conformance_variants
@@ -101,7 +102,7 @@ def test_generate_places_image_tags_where_the_processor_config_says(tmp_path, ca
 
 def test_chat_session_places_image_tags_by_position() -> None:
     for position, expected in (("before", "<image>\nWhat is it?"), ("after", "What is it?\n<image>")):
-        session = cli.ChatSession(image_tag_position=position)
+        session = ChatSession(image_tag_position=position)
         session.attached = ["a.png"]
         conversation, images = session.ask("What is it?")
         assert conversation == [{"role": "user", "content": expected}] and images == ["a.png"]
