@@ -5,9 +5,16 @@ at batch 1, 8 and 32, peak resident memory, KV-cache bytes per token, and decode
 fraction of the memory-bandwidth limit: the bytes of weights a decode step must read (attention,
 dense and shared layers, the lm_head, and the routed experts the batch actually selected, counted
 with hooks on the gates) plus the KV cache it reads, divided by a measured read bandwidth.
+Records the CPU model and flags and the kernel paths the engine chose (dsvl2.engine.kernels); reports
+the achieved GFLOP/s of prefill and of the vision tower next to a matmul peak measured on the spot
+(one large matmul on each path). `--compare-paths` runs every kernel path in the same process, one
+freshly built model each, so the paths can be compared in one run on any machine; `--load-memory`
+writes a random checkpoint and measures the peak resident memory of loading and preparing it.
 Prints a table and writes benchmarks/results/generate.json.
 
-    python benchmarks/bench_generate.py [--quick] [--threads N] [--batches 1,8,32]
+    python benchmarks/bench_generate.py [--quick] [--threads N] [--batches 1,8,32] [--kernels auto]
+    python benchmarks/bench_generate.py --compare-paths --language-layers 3 --vision-layers 6 --quick
+    python benchmarks/bench_generate.py --load-memory /tmp/tiny-random
 
 The weights are random, so the text is meaningless; the tokenizer is the conformance fixtures'
 small BPE (the engine's speed does not depend on it). Nothing is downloaded.
@@ -26,6 +33,9 @@ import json
 import os
 import platform
 import resource
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +44,23 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
+from dsvl2.checkpoint import save_model
 from dsvl2.config import load_json, model_config_from_dict, processor_config_from_dict
-from dsvl2.engine.cpu import pack_linear_layers
+from dsvl2.engine.cpu import release_free_memory
 from dsvl2.engine.generate import Engine, Request
+from dsvl2.engine.kernels import (
+    FLOAT32,
+    NATIVE,
+    PACKED,
+    KernelPlan,
+    choose_kernels,
+    cpu_flags,
+    cpu_model,
+    override,
+    resolve_kernels,
+)
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.engine.scheduler import Phase
 from dsvl2.language.moe import MoE
@@ -52,19 +75,31 @@ PROCESSOR_CONFIG = SHARED / "released_configs" / "deepseek-vl2-tiny.processor_co
 TOKENIZER_DIR = Path(os.environ.get("DSVL2_CONFORMANCE_DIR", SHARED / "conformance")) / "tokenizer"
 TARGETS = {"ttft_1_tile_s": 22.0, "ttft_9_tiles_s": 150.0, "decode_bandwidth_fraction": 0.70}
 FLOAT32_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+# The CPU flags that decide the kernel paths, recorded first in the JSON.
+KEY_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
 # ------------------------------------------------------------------------------------ model
 
 
+def tiny_config(language_layers: int | None = None, vision_layers: int | None = None) -> dict:
+    """The released tiny config.json, with fewer decoder layers and vision blocks when asked (quick runs)."""
+    raw = load_json(CONFIG)
+    if language_layers:
+        raw["language_config"]["num_hidden_layers"] = language_layers
+    if vision_layers:
+        raw["vision_config"]["layers"] = vision_layers
+    return raw
+
+
 @torch.no_grad()
-def random_model(dtype: torch.dtype, seed: int = 0) -> DeepseekVL2:
-    """The released tiny geometry, built on the meta device and materialised once in `dtype`.
+def random_model(dtype: torch.dtype, seed: int = 0, config: dict | None = None) -> DeepseekVL2:
+    """The released tiny geometry (or `config`), built on the meta device and materialised once in `dtype`.
 
     Matrices are filled from one pool of normal(0, 0.02) values at random offsets: copying is
     as fast as memory, drawing 3.4B random numbers is not. Routers get their own fresh values.
     """
-    cfg = model_config_from_dict(load_json(CONFIG))
+    cfg = model_config_from_dict(config or load_json(CONFIG))
     with torch.device("meta"):
         model = DeepseekVL2(cfg)
     model = model.to(dtype).to_empty(device="cpu")
@@ -206,18 +241,52 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+class FlopCounter(TorchFunctionMode):
+    """Multiply-add FLOPs of the matrix work run inside it (linear layers, packed or not, convolutions,
+    attention), summed per `phase`; element-wise work is not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "other"
+        self.flops: dict[str, float] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flops = self._flops(func, args, out)
+        if flops:
+            self.flops[self.phase] = self.flops.get(self.phase, 0.0) + flops
+        return out
+
+    @staticmethod
+    def _flops(func: Any, args: tuple, out: Any) -> float:
+        if func is torch.nn.functional.linear or func is torch.ops.quantized.linear_dynamic_fp16:
+            return 2.0 * out.numel() * args[0].shape[-1]
+        if func is torch.nn.functional.conv2d:
+            weight = args[1]
+            return 2.0 * out.numel() * weight[0].numel()
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            return 2.0 * q.numel() * k.shape[-2] + 2.0 * out.numel() * k.shape[-2]
+        return 0.0
+
+
 def measure_ttft(model: DeepseekVL2, processor: Processor, size: int, engine_kwargs: dict) -> dict[str, float]:
-    """Submit-to-first-token time of one image request on an idle engine, split into its parts."""
+    """Submit-to-first-token time of one image request on an idle engine, split into its parts, with the
+    achieved GFLOP/s of the vision tower and of prefill."""
     engine = Engine(model, processor, max_batch=1, max_len=2300, **engine_kwargs)
     vision_time = [0.0]
     original = model.encode_tiles
+    counter = FlopCounter()
 
     def timed_vision(tiles: torch.Tensor) -> torch.Tensor:
+        counter.phase = "vision"
         start = time.perf_counter()
         try:
             return original(tiles)
         finally:
             vision_time[0] += time.perf_counter() - start
+            counter.phase = "prefill"
 
     model.encode_tiles = timed_vision  # type: ignore[method-assign]
     try:
@@ -227,10 +296,12 @@ def measure_ttft(model: DeepseekVL2, processor: Processor, size: int, engine_kwa
         engine.submit(request)
         encoded = time.perf_counter()
         first = None
-        while first is None:
-            events = engine.step()
-            if any(e.token_id is not None for e in events):
-                first = time.perf_counter()
+        counter.phase = "prefill"
+        with counter:
+            while first is None:
+                events = engine.step()
+                if any(e.token_id is not None for e in events):
+                    first = time.perf_counter()
         while engine.has_work():
             engine.step()
     finally:
@@ -240,7 +311,30 @@ def measure_ttft(model: DeepseekVL2, processor: Processor, size: int, engine_kwa
     tiles = int(sample.pixel_values.shape[0])
     return {"image_px": size, "tiles": tiles, "prompt_tokens": len(sample), "ttft_s": first - start,
             "processor_s": encoded - start, "vision_s": vision_time[0], "prefill_s": prefill_s,
-            "prefill_tokens_per_s": len(sample) / prefill_s}
+            "prefill_tokens_per_s": len(sample) / prefill_s,
+            "vision_gflop_s": counter.flops.get("vision", 0.0) / vision_time[0] / 1e9,
+            "prefill_gflop_s": counter.flops.get("prefill", 0.0) / prefill_s / 1e9}
+
+
+def matmul_peak(path: str, n: int = 1024, repeats: int = 3) -> float:
+    """GFLOP/s of one n x n x n matmul on a kernel path (best of `repeats` after a warm-up): native
+    bfloat16, float32, or FBGEMM's packed float16 with float32 activations."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    if path == PACKED:
+        packed = torch.ops.quantized.linear_prepack_fp16(b, None)
+        run = lambda: torch.ops.quantized.linear_dynamic_fp16(a, packed)  # noqa: E731
+    elif path == NATIVE:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        run = lambda: a16 @ b16  # noqa: E731
+    else:
+        run = lambda: a @ b  # noqa: E731
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best / 1e9
 
 
 # -------------------------------------------------------------------------------------- main
@@ -257,52 +351,42 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer decode steps, no 9-tile run (about 5 min)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--decode-steps", type=int, default=None)
-    parser.add_argument("--skip-ttft", action="store_true")
-    parser.add_argument("--no-float32-compute", action="store_true",
-                        help="run prefill and vision in bfloat16 instead of upcasting per layer")
-    parser.add_argument("--no-pack", action="store_true",
-                        help="keep the bfloat16 nn.Linear layers instead of packing them for FBGEMM")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "generate.json")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = args.decode_steps or (8 if args.quick else 24)
-    engine_kwargs: dict[str, Any] = {}
-    if args.no_float32_compute:
-        engine_kwargs["float32_prefill"] = False
-    if args.no_pack:
-        engine_kwargs["pack_weights"] = False
+def machine_record(load_before: tuple) -> dict[str, Any]:
+    flags = cpu_flags()
+    return {"cpu_model": cpu_model(), "key_flags": {f: f in flags for f in KEY_FLAGS}, "cpu_flags": sorted(flags),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg_before": load_before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
 
-    load_before = os.getloadavg()
-    probe = BandwidthProbe()
-    bandwidth = probe.best_of()
-    model = timed_call("build model", lambda: random_model(torch.bfloat16))
-    params = sum(p.numel() for p in model.parameters())
+
+def comparison_plans() -> dict[str, KernelPlan]:
+    """Every path the automatic choice takes on some CPU, and the all-native path (PyTorch's own kernels);
+    the one this machine chooses is marked "(auto)"."""
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    without_bf16 = choose_kernels({"avx2"}, cpu, bf16)
+    plans = {"float32 vision+prefill, packed decode": without_bf16,
+             "native vision+prefill, packed decode": choose_kernels({"avx512_bf16"}, cpu, bf16),
+             "native everywhere": override(without_bf16, "native")}
+    auto = resolve_kernels("auto", cpu, bf16)
+    named = {f"{name} (auto)" if parts_of(plan) == parts_of(auto) else name: plan for name, plan in plans.items()}
+    return named if any(name.endswith("(auto)") for name in named) else {"auto": auto, **named}
+
+
+def parts_of(plan: KernelPlan) -> dict[str, str]:
+    return {k: v for k, v in plan.as_dict().items() if k != "reason"}
+
+
+def run_path(args: argparse.Namespace, plan: KernelPlan, probe: BandwidthProbe, steps: int) -> dict[str, Any]:
+    """Build a fresh random model, prepare it for `plan` and measure time to first token and decoding."""
+    config = tiny_config(args.language_layers, args.vision_layers)
+    model = timed_call("build model", lambda: random_model(torch.bfloat16, config=config))
     sizes = weight_bytes(model)
-    pack_seconds = [0.0]
-    if not args.no_pack:
-        start = time.perf_counter()
-        pack_linear_layers(model.language)
-        pack_seconds[0] = time.perf_counter() - start
+    parameters = sum(p.numel() for p in model.parameters())  # before packing hides them
     processor = tiny_processor(model.cfg.language.max_position_embeddings)
-    results: dict[str, Any] = {
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "loadavg_before": load_before,
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")},
-        "model": {"config": str(CONFIG), "parameters": params, "dtype": "bfloat16",
-                  "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                  "decode_weight_bytes": sizes},
-        "read_bandwidth_gb_s": bandwidth / 1e9,  # best of 5 at the start; each decode row has its own
-        "targets": TARGETS,
-        "settings": {"quick": args.quick, "decode_steps": steps, **engine_kwargs},
-    }
+    start = time.perf_counter()
+    engine = Engine(model, processor, max_batch=1, max_len=16, kernels=plan)  # converts the model once
+    prepare_s = time.perf_counter() - start
+    engine_kwargs = {"kernels": plan}
     with torch.inference_mode():
         ttft = []
         if not args.skip_ttft:
@@ -312,17 +396,92 @@ def main(argv: list[str] | None = None) -> int:
         decode = [timed_call(f"decode batch {b}", lambda b=b: measure_decode(model, processor, sizes, b, steps,
                                                                              probe, engine_kwargs))
                   for b in (int(x) for x in args.batches.split(","))]
-    engine = Engine(model, processor, max_batch=1, max_len=16)
-    results.update({
-        "ttft": ttft, "decode": decode, "cache_bytes_per_token": engine.cache.bytes_per_token,
-        "peak_rss_bytes": peak_rss_bytes(), "loadavg_after": os.getloadavg(),
-        "pack_seconds": pack_seconds[0],
-    })
-    results["verdicts"] = verdicts(results)
+    peaks = {"vision": matmul_peak(FLOAT32 if plan.vision == FLOAT32 else NATIVE),
+             "prefill": matmul_peak(PACKED if plan.packs_language and plan.prefill == FLOAT32 else plan.prefill)}
+    return {"kernels": plan.as_dict(), "parameters": parameters,
+            "decode_weight_bytes": sizes, "prepare_seconds": prepare_s, "ttft": ttft, "decode": decode,
+            "matmul_peak_gflop_s": peaks, "cache_bytes_per_token": engine.cache.bytes_per_token}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer decode steps, no 9-tile run (about 5 min)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--decode-steps", type=int, default=None)
+    parser.add_argument("--skip-ttft", action="store_true")
+    parser.add_argument("--kernels", default="auto", help="kernel paths, as dsvl2's --kernels (default: auto)")
+    parser.add_argument("--compare-paths", action="store_true",
+                        help="run every kernel path in this process (one fresh model each) instead of --kernels")
+    parser.add_argument("--repeats", type=int, default=1, help="run the paths this many times, alternating")
+    parser.add_argument("--language-layers", type=int, default=None, help="fewer decoder layers (quick comparisons)")
+    parser.add_argument("--vision-layers", type=int, default=None, help="fewer vision blocks (quick comparisons)")
+    parser.add_argument("--load-memory", type=Path, default=None, metavar="DIR",
+                        help="write a random bfloat16 checkpoint to DIR and measure loading and preparing it")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "generate.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.load_memory:
+        return load_memory(args)
+    steps = args.decode_steps or (8 if args.quick else 24)
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    plans = comparison_plans() if args.compare_paths else {args.kernels: resolve_kernels(args.kernels, cpu, bf16)}
+
+    load_before = os.getloadavg()
+    probe = BandwidthProbe()
+    bandwidth = probe.best_of()
+    results: dict[str, Any] = {
+        "machine": machine_record(load_before),
+        "model": {"config": str(CONFIG), "language_layers": args.language_layers,
+                  "vision_layers": args.vision_layers, "dtype": "bfloat16"},
+        "automatic_kernels": resolve_kernels("auto", cpu, bf16).as_dict(),
+        "read_bandwidth_gb_s": bandwidth / 1e9,  # best of 5 at the start; each decode row has its own
+        "targets": TARGETS,
+        "settings": {"quick": args.quick, "decode_steps": steps, "compare_paths": args.compare_paths},
+        "paths": {},
+    }
+    for repeat in range(args.repeats):
+        for name, plan in plans.items():
+            print(f"== {name}, run {repeat + 1}: {plan.describe()}", flush=True)
+            run = run_path(args, plan, probe, steps)
+            run["verdicts"] = verdicts(run)
+            results["paths"].setdefault(name, []).append(run)
+            release_free_memory()  # the path's model is gone: hand its memory back before the next is built
+    results.update({"peak_rss_bytes": peak_rss_bytes(), "loadavg_after": os.getloadavg()})
     print_table(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
+    return 0
+
+
+def load_memory(args: argparse.Namespace) -> int:
+    """Write a random bfloat16 checkpoint (sharded, as released) unless DIR holds one, then load and prepare
+    it in a fresh process with the automatic dtype and --kernels; prints its peak resident memory. The engine
+    gets a 64-token KV cache: the cache is sized by --max-len and --max-batch, not by the checkpoint."""
+    folder = args.load_memory
+    if not (folder / "config.json").is_file():
+        config = tiny_config(args.language_layers, args.vision_layers)
+        model = timed_call("build model", lambda: random_model(torch.bfloat16, config=config))
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        timed_call("save checkpoint", lambda: save_model(model, folder, config, max_shard_bytes=total // 2 + 1))
+        del model
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(TOKENIZER_DIR / name, folder / name)
+        shutil.copy(PROCESSOR_CONFIG, folder / "processor_config.json")
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    code = ("import json, resource, sys; from dsvl2.engine.generate import Engine; "
+            "e = Engine.from_pretrained(sys.argv[1], kernels=sys.argv[2], max_batch=1, max_len=64); "
+            "print(json.dumps({'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "'dtype': str(e.dtype), 'kernels': e.kernels.as_dict()}))")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, str(folder), args.kernels], capture_output=True, text=True,
+                         check=True)
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    record.update({"checkpoint_bytes": size, "ratio": record["peak_rss_bytes"] / size,
+                   "seconds": time.perf_counter() - start, "folder": str(folder)})
+    print(json.dumps(record, indent=1))
     return 0
 
 
@@ -339,20 +498,28 @@ def verdicts(results: dict[str, Any]) -> dict[str, bool]:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"\nDeepSeek-VL2-Tiny geometry, {results['model']['parameters'] / 1e9:.2f}B parameters, bfloat16, "
-          f"{results['machine']['torch_threads']} threads, read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s")
-    for t in results["ttft"]:
-        print(f"  TTFT {t['tiles']:2d} tiles ({t['prompt_tokens']} tokens): {t['ttft_s']:7.1f} s  "
-              f"(processor {t['processor_s']:.2f} s, vision {t['vision_s']:.1f} s, prefill {t['prefill_s']:.1f} s "
-              f"= {t['prefill_tokens_per_s']:.0f} tok/s)")
-    for d in results["decode"]:
-        print(f"  decode batch {d['batch']:2d}: {d['tokens_per_s']:7.2f} tok/s  ({d['step_ms']:.0f} ms/step, "
-              f"{d['distinct_experts_per_layer']:.1f} experts/layer, {d['bytes_per_step'] / 1e9:.2f} GB/step, "
-              f"{d['read_bandwidth_gb_s']:.1f} GB/s -> limit {d['bandwidth_limit_tokens_per_s']:.1f} tok/s, "
-              f"{100 * d['bandwidth_fraction']:.0f}% of it)")
-    print(f"  targets met: {results['verdicts']}; weights packed in {results['pack_seconds']:.1f} s")
-    print(f"  KV cache: {results['cache_bytes_per_token']} bytes/token; peak RSS "
-          f"{results['peak_rss_bytes'] / 2**30:.2f} GiB; load average {results['machine']['loadavg_before']} -> "
+    machine = results["machine"]
+    flags = ", ".join(f for f, present in machine["key_flags"].items() if present)
+    print(f"\n{machine['cpu_model']} ({flags}), {machine['torch_threads']} threads, "
+          f"read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s")
+    print(f"automatic kernels: {results['automatic_kernels']}")
+    for name, path in ((name, run) for name, runs in results["paths"].items() for run in runs):
+        peaks = path["matmul_peak_gflop_s"]
+        print(f"\n{name}: {path['parameters'] / 1e9:.2f}B parameters, bfloat16, prepared in "
+              f"{path['prepare_seconds']:.1f} s")
+        for t in path["ttft"]:
+            print(f"  TTFT {t['tiles']:2d} tiles ({t['prompt_tokens']} tokens): {t['ttft_s']:7.1f} s  "
+                  f"(processor {t['processor_s']:.2f} s, vision {t['vision_s']:.1f} s = {t['vision_gflop_s']:.0f} "
+                  f"GFLOP/s of {peaks['vision']:.0f} peak, prefill {t['prefill_s']:.1f} s = "
+                  f"{t['prefill_tokens_per_s']:.0f} tok/s, {t['prefill_gflop_s']:.0f} GFLOP/s of "
+                  f"{peaks['prefill']:.0f} peak)")
+        for d in path["decode"]:
+            print(f"  decode batch {d['batch']:2d}: {d['tokens_per_s']:7.2f} tok/s  ({d['step_ms']:.0f} ms/step, "
+                  f"{d['distinct_experts_per_layer']:.1f} experts/layer, {d['bytes_per_step'] / 1e9:.2f} GB/step, "
+                  f"{d['read_bandwidth_gb_s']:.1f} GB/s -> limit {d['bandwidth_limit_tokens_per_s']:.1f} tok/s, "
+                  f"{100 * d['bandwidth_fraction']:.0f}% of it)")
+        print(f"  targets met: {path['verdicts']}; KV cache {path['cache_bytes_per_token']} bytes/token")
+    print(f"\npeak RSS {results['peak_rss_bytes'] / 2**30:.2f} GiB; load average {machine['loadavg_before']} -> "
           f"{results['loadavg_after']}")
 
 

@@ -71,35 +71,45 @@ def fbgemm_fp16_available() -> bool:
 class PackedFp16Linear(nn.Module):
     """A linear layer with FBGEMM packed float16 weights; float32 compute, output in `out_dtype`.
 
+    A large weight (the lm_head) is packed in blocks of output rows, so packing it needs a float32 copy of
+    one block at a time rather than of the whole matrix.
     `native_rows` (None: never): a matmul of at least this many rows computes in `out_dtype` with the weight
     unpacked for it, for CPUs whose native bfloat16 arithmetic beats FBGEMM on compute-bound prefill."""
 
     native_rows: int | None = None
+    BLOCK_ELEMENTS = 2**24
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.out_dtype = linear.weight.dtype
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        rows = max(1, self.BLOCK_ELEMENTS // self.in_features)
+        weight, bias = linear.weight.detach(), linear.bias
+        self.blocks = [
+            torch.ops.quantized.linear_prepack_fp16(
+                weight[start:start + rows].float(), None if bias is None else bias.detach()[start:start + rows].float())
+            for start in range(0, self.out_features, rows)
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.native_rows is not None and flat.shape[0] >= self.native_rows:
-            weight, bias = torch.ops.quantized.linear_unpack_fp16(self.packed)
             dtype = self.out_dtype
-            out = F.linear(flat.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            outs = [F.linear(flat.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+                    for weight, bias in map(torch.ops.quantized.linear_unpack_fp16, self.blocks)]
         else:
-            out = torch.ops.quantized.linear_dynamic_fp16(flat.float(), self.packed)
+            outs = [torch.ops.quantized.linear_dynamic_fp16(flat.float(), block) for block in self.blocks]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """The (float16-rounded) weight, unpacked: slow, for code that reads weights directly."""
-        return torch.ops.quantized.linear_unpack_fp16(self.packed)[0].to(self.out_dtype)
+        return torch.cat([torch.ops.quantized.linear_unpack_fp16(block)[0] for block in self.blocks]).to(self.out_dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed float16"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, packed float16 "
+                f"in {len(self.blocks)} block(s)")
 
 
 class PackedFp16MLP(nn.Module):
@@ -152,10 +162,11 @@ def pack_linear_layers(module: nn.Module, skip: tuple[str, ...] = ("kv_b_proj",)
     nn.Linear layers (except those named in `skip`, whose weights are read directly, e.g. by absorbed
     MLA) by PackedFp16Linear; returns the number of modules replaced.
 
-    Layer by layer, handing the freed 16-bit weights back to the system as it goes, so memory peaks
-    near the model's size rather than at twice it."""
+    Module by module, handing each freed 16-bit weight back to the system, so memory peaks near the
+    packed model's size rather than at twice it."""
     count = 0
-    for name, child in list(module.named_children()):
+    for name in list(module._modules):  # names only: a list of the children would keep every old one alive
+        child = module._modules[name]
         if _is_swiglu_mlp(child) and child.gate_proj.weight.dtype in HALF_DTYPES:
             setattr(module, name, PackedFp16MLP(child))
             count += 1
@@ -163,25 +174,27 @@ def pack_linear_layers(module: nn.Module, skip: tuple[str, ...] = ("kv_b_proj",)
             setattr(module, name, PackedFp16Linear(child))
             count += 1
         else:
-            packed = pack_linear_layers(child, skip)
-            if packed >= 8:  # a decoder layer or an expert list: worth a trim
-                release_free_memory()
-            count += packed
+            count += pack_linear_layers(child, skip)
+            continue
         del child
+        # Packed weights are larger than the holes the freed 16-bit ones leave (FBGEMM pads the input
+        # dimension to a multiple of 512): without a trim after each layer the heap grows by all of them.
+        release_free_memory()
     return count
 
 
 def pack_language(language: nn.Module, decoder: bool, lm_head: bool) -> int:
     """Pack the decoder layers' linear layers (`decoder`) and the lm_head (`lm_head`) of a 16-bit language
     model for FBGEMM, in place; returns the number of modules replaced."""
-    count = pack_linear_layers(language.model) if decoder else 0
+    count = 0
     head = language.lm_head
+    # The lm_head first: its packing holds two copies of it, best done before the padded packed layers grow.
     if lm_head and type(head) is nn.Linear and head.weight.dtype in HALF_DTYPES:
         language.lm_head = PackedFp16Linear(head)
-        del head
-        release_free_memory()
         count += 1
-    return count
+    del head
+    release_free_memory()
+    return count + (pack_linear_layers(language.model) if decoder else 0)
 
 
 def release_free_memory() -> None:

@@ -53,7 +53,8 @@ def parts(plan: KernelPlan) -> tuple[str, ...]:
     (AVX512, (FLOAT32, FLOAT32, PACKED, PACKED, PACKED)),
     (AVX512_BF16, (NATIVE, NATIVE, PACKED, PACKED, PACKED)),
     (AMX, (NATIVE, NATIVE, PACKED, PACKED, PACKED)),
-], ids=["avx2", "avx512", "avx512_bf16", "amx"])
+    (AVX512 | {"amx_bf16", "amx_tile"}, (NATIVE, NATIVE, PACKED, PACKED, PACKED)),  # AMX decides alone too
+], ids=["avx2", "avx512", "avx512_bf16", "amx", "amx_without_avx512_bf16_flag"])
 def test_bfloat16_plan_for_each_cpu(flags: frozenset[str], expected: tuple[str, ...]) -> None:
     plan = choose_kernels(flags, CPU, BF16)
     assert parts(plan) == expected and plan.reason
@@ -178,6 +179,20 @@ def test_native_rows_computes_large_matmuls_in_bfloat16_from_the_packed_weight()
         packed(rows[:7])  # below native_rows: FBGEMM
     assert calls.dtypes == [BF16]
     assert (out.float() - torch.nn.functional.linear(rows, linear.weight, linear.bias).float()).abs().max() < 0.02
+
+
+@needs_fbgemm
+def test_a_large_weight_packed_in_blocks_computes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 100, bias=True).to(BF16)
+    whole = PackedFp16Linear(linear)
+    monkeypatch.setattr(PackedFp16Linear, "BLOCK_ELEMENTS", 64 * 30)
+    blocked = PackedFp16Linear(linear)
+    x = torch.randn(3, 64)
+    assert len(whole.blocks) == 1 and len(blocked.blocks) == 4  # 30 + 30 + 30 + 10 rows
+    assert torch.equal(blocked(x), whole(x)) and torch.equal(blocked.weight, linear.weight)
+    blocked.native_rows = whole.native_rows = 1
+    assert torch.equal(blocked(x.bfloat16()), whole(x.bfloat16()))
 
 
 @pytestmark_fixtures
