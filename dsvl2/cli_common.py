@@ -68,7 +68,9 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = True) -> Engine:
     """The engine on the model options' checkpoint (the bundled default model without --model)."""
     from dsvl2.engine.generate import Engine
+    from dsvl2.engine.kernels import check_option
 
+    check_option(args.kernels)  # a misspelt --kernels fails before the weights are read
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=progress,
                                     max_batch=max_batch, max_len=args.max_len, kernels=args.kernels)
     if args.verbose:

@@ -211,8 +211,7 @@ class Engine:
             self._model.projector.float()
         language = self._model.language
         packed = pack_language(language, decoder=plan.decode_small == PACKED, lm_head=plan.lm_head == PACKED)
-        if packed and plan.prefill == NATIVE:
-            set_native_rows(language, NATIVE_PREFILL_ROWS)
+        set_native_rows(language, NATIVE_PREFILL_ROWS if plan.prefill == NATIVE else None)
         return packed
 
     @classmethod

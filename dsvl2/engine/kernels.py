@@ -146,6 +146,11 @@ def override(plan: KernelPlan, text: str | None) -> KernelPlan:
     return validate(replace(plan, **changes, reason=f"--kernels {text}"))
 
 
+def check_option(text: str | None) -> None:
+    """Raise KernelChoiceError for a --kernels value that no model could run (checked before loading weights)."""
+    override(KernelPlan(FLOAT32, FLOAT32, PACKED, PACKED, PACKED), text)
+
+
 def validate(plan: KernelPlan) -> KernelPlan:
     """`plan`, checked to be runnable with one copy of the language model's weights."""
     if plan.decode_small != plan.decode_large:

@@ -201,6 +201,7 @@ def test_stored_dtype_and_a_bad_kernels_option_on_the_command_line() -> None:
     assert stored_dtype(ModelFolder.read(root)) == torch.float32
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
-    args = parser.parse_args(["--model", str(root), "--kernels", "prefill=fast"])
+    # Checked before the weights are read: the missing folder is not what the error names.
+    args = parser.parse_args(["--model", str(root / "absent"), "--kernels", "prefill=fast"])
     with pytest.raises(InputError, match="prefill cannot run 'fast'"):
         load_engine(args, progress=False)
