@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -301,6 +301,19 @@ def create_app(runner: EngineRunner, settings: ServeSettings, manage_runner: boo
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico")
+    async def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
+    # The page's own files (example images, icon); the listing is fixed at start, so no path can leave the folder.
+    static_files = {path.name: path for path in STATIC_DIR.iterdir() if path.suffix in (".png", ".svg")}
+
+    @app.get("/static/{name}")
+    async def static_file(name: str) -> FileResponse:
+        if name not in static_files:
+            raise APIError(404, f"no such file: {name[:80]}", "not_found")
+        return FileResponse(static_files[name], headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -121,6 +121,8 @@ COUNT_ANSWER_UPDATES = """() => {
     for (const record of records) {
       const message = record.target.closest && record.target.closest('.msg.assistant.streaming');
       if (message) window.answerUpdates += 1;
+      if (message && message.querySelector('.text').textContent.includes('<|')) window.rawTagSeen = true;
+      if (message && document.querySelector('.box')) window.boxWhileStreaming = true;
     }
   }).observe(document.getElementById('chat'), {childList: true, subtree: true, characterData: true});
 }"""
@@ -138,6 +140,13 @@ def test_upload_ask_stream_and_draw_box(page, served, conf_dir: Path, tmp_path: 
     page.wait_for_selector(".box")
 
     assert page.evaluate("window.answerUpdates") >= 3, "the answer did not arrive in several streamed pieces"
+    assert page.evaluate("window.rawTagSeen") is None, "grounding tags were shown raw while streaming"
+    assert page.evaluate("window.boxWhileStreaming"), "the box was drawn only after the answer ended"
+    width, height = page.evaluate("[document.getElementById('stage-image').naturalWidth, "
+                                  "document.getElementById('stage-image').naturalHeight]")
+    sides = (width, height, width, height)
+    pixels = ", ".join(str(round(value / 999 * side)) for value, side in zip(GRID_BOX, sides, strict=True))
+    assert page.inner_text(".msg.assistant .box-list") == f"the square: ({pixels}) px on image #1"
     answer = page.inner_text(".msg.assistant .text")
     assert answer.startswith("the square") and "<|det|>" not in answer  # tags rendered, not shown raw
     assert "24 completion tokens" in page.inner_text(".msg.assistant .meta")
@@ -174,6 +183,20 @@ def test_stop_button_aborts_and_frees_the_engine(page, served) -> None:
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
 
 
+def test_icon_and_example_images_are_served(served) -> None:
+    import urllib.request
+
+    server, _ = served
+    with urllib.request.urlopen(server.base_url + "/favicon.ico") as response:
+        assert response.status == 200 and response.headers["Content-Type"] == "image/svg+xml"
+    with urllib.request.urlopen(server.base_url + "/static/example-shapes.png") as response:
+        assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("index.html", "..%2Fapp.py", "nothing.png"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(server.base_url + "/static/" + name)
+        assert refused.value.code == 404
+
+
 PASTE_FILE = """async ([name, bytes]) => {
   const file = new File([new Uint8Array(bytes)], name, {type: 'image/png'});
   const data = new DataTransfer();
@@ -182,18 +205,15 @@ PASTE_FILE = """async ([name, bytes]) => {
 }"""
 
 
-def test_pasted_image_is_attached_and_a_refusal_is_shown(page, conf_dir: Path) -> None:
+def test_pasted_image_is_attached_and_an_undecodable_one_refused_at_once(page, conf_dir: Path) -> None:
     tiny = (conf_dir / "images" / "tiny.png").read_bytes()
     page.evaluate(PASTE_FILE, ["tiny.png", list(tiny)])
     page.wait_for_selector(".thumb .badge")
     assert page.locator(".thumb .badge").all_inner_texts() == ["new"]
     page.evaluate(PASTE_FILE, ["broken.png", list(b"these bytes are not a picture")])
-    page.wait_for_function("document.querySelectorAll('.thumb').length === 2")
-    page.fill("#prompt", "What is this?")
-    page.click("#send")
-    error = page.wait_for_selector(".msg.error", timeout=30_000)
-    assert "image 1" in error.inner_text() and "not a decodable image" in error.inner_text()
-    assert page.locator(".thumb .badge").all_inner_texts() == ["new", "new"]  # kept, to fix and resend
+    notice = page.wait_for_selector("#image-notice:not([hidden])")
+    assert "broken.png could not be read as an image" in notice.inner_text()
+    assert page.locator(".thumb .badge").all_inner_texts() == ["new"]  # never attached, no broken thumbnail
 
 
 @pytest.mark.parametrize(("position", "order"), [("after", ["text", "image_url"]), ("before", ["image_url", "text"])])
