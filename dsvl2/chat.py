@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shlex
 import sys
 import time
 import unicodedata
@@ -56,16 +55,26 @@ def terminal_safe(text: str) -> str:
 
 
 def split_image_paths(text: str) -> tuple[str, list[str]]:
-    """Take the words of a message that name existing image files out of it: (the rest, the paths)."""
-    try:
-        words = shlex.split(text, posix=True)
-    except ValueError:  # an unbalanced quote: plain text
-        return text, []
-    paths = [w for w in words if Path(w).suffix.lower() in IMAGE_SUFFIXES and Path(w).expanduser().is_file()]
-    if not paths:
-        return text, []
-    rest = " ".join(w for w in words if w not in paths)
-    return rest, [str(Path(p).expanduser()) for p in paths]
+    """Take the words of a message that name existing image files out of it: (the rest, the paths).
+
+    A word may be quoted and may end in punctuation ("what is in photo.png?").
+    """
+    paths, kept = [], []
+    for word in text.split():
+        path = _image_path(word)
+        if path is None:
+            kept.append(word)
+        else:
+            paths.append(path)
+    return (" ".join(kept), paths) if paths else (text, [])
+
+
+def _image_path(word: str) -> str | None:
+    for candidate in (word.strip("'\""), word.rstrip(",.?!;:").strip("'\"")):
+        path = Path(candidate).expanduser()
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            return str(path)
+    return None
 
 
 class ChatSession:

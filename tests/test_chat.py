@@ -113,6 +113,13 @@ def test_terminal_safe_keeps_text_and_escapes_controls() -> None:
     assert chat.terminal_safe(ESCAPES) == "\\x1b[2J\\x1b]0;pwned\\x07\\x1b[31mred\\x9b1m"
 
 
+def test_image_paths_are_found_in_a_message(tmp_path: Path) -> None:
+    assert chat.split_image_paths(f"what's in {SHAPES}?") == ("what's in", [str(SHAPES)])
+    assert chat.split_image_paths(f'compare "{SHAPES}" and {SHAPES},') == ("compare and", [str(SHAPES)] * 2)
+    missing = tmp_path / "missing.png"
+    assert chat.split_image_paths(f"is {missing} there? it's fine") == (f"is {missing} there? it's fine", [])
+
+
 def run_piped(lines: list[str], argv: list[str], monkeypatch, capsys) -> tuple[int, str, str, FakeEngine]:
     engine = FakeEngine()
     monkeypatch.setattr(chat, "load_engine", lambda args: engine)
