@@ -43,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return guarded_run(chat, args)
+    try:
+        return guarded_run(chat, args)
+    except KeyboardInterrupt:  # while the model loads: leave quietly, as a shell command does
+        print(file=sys.stderr)
+        return 130
 
 
 def terminal_safe(text: str) -> str:
@@ -243,7 +247,10 @@ def chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO |
             for path in paths:
                 session.attach(path)
                 print(f"(attached {path})", file=terminal.stdout)
-            _turn(engine, session, text, sampling, terminal, state["boxes_out"], args.verbose)
+            try:
+                _turn(engine, session, text, sampling, terminal, state["boxes_out"], args.verbose)
+            except KeyboardInterrupt:  # after the answer (drawing its boxes): back to the prompt
+                terminal.write("\n")
     finally:
         terminal.save_history()
     return 0
