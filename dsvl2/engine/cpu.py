@@ -56,10 +56,6 @@ def float32_compute(enabled: bool) -> Any:
     return Float32Compute() if enabled else nullcontext()
 
 
-def is_half_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in HALF_DTYPES
-
-
 def fbgemm_fp16_available() -> bool:
     try:
         torch.ops.quantized.linear_prepack_fp16(torch.zeros(8, 8), None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dsvl2.engine.cpu import HALF_DTYPES
 from dsvl2.errors import InputError
 
 NATIVE, FLOAT32, PACKED = "native", "float32", "float16-packed"
@@ -33,7 +34,6 @@ ALLOWED = {"vision": (NATIVE, FLOAT32), "prefill": (NATIVE, FLOAT32), "decode_sm
 # Option names that set several parts at once.
 GROUPS = {"decode": ("decode_small", "decode_large"), "all": PARTS}
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Packed layers of a native prefill compute a matmul of at least this many rows in bfloat16; fewer rows
 # (decode, a routed expert's share of a chunk) stay on FBGEMM, where unpacking would cost more than it saves.
 NATIVE_PREFILL_ROWS = 64
