@@ -26,7 +26,7 @@ def terminal(tmp_path: Path):
     def start(*args: str) -> pexpect.spawn:
         env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TERM": "xterm", "PYTHONPATH": str(ROOT)}
         child = pexpect.spawn(sys.executable, ["-m", "tests.fake_chat_engine", "chat", *args], cwd=str(ROOT),
-                              env=env, encoding="utf-8", timeout=20, dimensions=(40, 200))
+                              env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
         child.logfile_read = io.StringIO()  # everything shown, for checks across several expects
         child.expect_exact(PROMPT)
         children.append(child)
