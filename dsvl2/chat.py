@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt")
     add_sampling_arguments(parser)
-    parser.add_argument("--boxes-out", type=Path, default=None,
+    parser.add_argument("--boxes-out", type=Path, default=None, metavar="FILE",
                         help="save each answer's grounding boxes drawn on its image to this file (like generate)")
     parser.add_argument("--load", type=Path, default=None, metavar="FILE",
                         help="go on with a conversation saved by /save")

@@ -126,7 +126,7 @@ def test_two_files_chosen_at_once_are_both_attached(page, tmp_path: Path) -> Non
     page.set_input_files("#file-input", [str(SHAPES), str(second)])
     page.wait_for_function("document.querySelectorAll('.thumb').length === 2")
     page.wait_for_timeout(200)
-    assert page.locator(".thumb .badge").all_inner_texts() == ["new", "new"]
+    assert page.locator(".thumb .badge").all_inner_texts() == ["#1 new", "#2 new"]
 
 
 def test_enter_while_an_answer_streams_sends_nothing_and_stop_still_stops(page, server) -> None:
@@ -165,7 +165,7 @@ def test_a_refused_request_gives_the_question_back(page, server) -> None:
     assert page.inner_text(".msg.error") == "image 1: too large"
     assert page.locator(".msg.assistant").count() == 0 and page.locator(".msg.user").count() == 0
     assert page.input_value("#prompt") == "What is this?"
-    assert page.locator(".thumb .badge").all_inner_texts() == ["new"]
+    assert page.locator(".thumb .badge").all_inner_texts() == ["#1 new"]
 
 
 def test_grounding_shows_labels_boxes_and_pixel_coordinates(page, server) -> None:

@@ -209,11 +209,11 @@ def test_pasted_image_is_attached_and_an_undecodable_one_refused_at_once(page, c
     tiny = (conf_dir / "images" / "tiny.png").read_bytes()
     page.evaluate(PASTE_FILE, ["tiny.png", list(tiny)])
     page.wait_for_selector(".thumb .badge")
-    assert page.locator(".thumb .badge").all_inner_texts() == ["new"]
+    assert page.locator(".thumb .badge").all_inner_texts() == ["#1 new"]
     page.evaluate(PASTE_FILE, ["broken.png", list(b"these bytes are not a picture")])
     notice = page.wait_for_selector("#image-notice:not([hidden])")
     assert "broken.png could not be read as an image" in notice.inner_text()
-    assert page.locator(".thumb .badge").all_inner_texts() == ["new"]  # never attached, no broken thumbnail
+    assert page.locator(".thumb .badge").all_inner_texts() == ["#1 new"]  # never attached, no broken thumbnail
 
 
 @pytest.mark.parametrize(("position", "order"), [("after", ["text", "image_url"]), ("before", ["image_url", "text"])])
