@@ -274,7 +274,7 @@ def test_regenerate_edit_and_copy(page, server) -> None:
     server.answers = ["first answer", "second answer"]
     ask(page, "Hello?")
     page.click(".msg.assistant .regenerate")
-    page.wait_for_function("document.querySelector('.msg.assistant.done .text').textContent === 'second answer'")
+    page.wait_for_function("document.querySelector('.msg.assistant.done .text')?.textContent === 'second answer'")
     assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
     assert server.requests[1]["messages"] == server.requests[0]["messages"]
     page.click(".msg.assistant .copy")
