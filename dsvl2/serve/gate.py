@@ -20,9 +20,10 @@ from dsvl2.serve.schemas import error_body
 access_logger = logging.getLogger("dsvl2.serve.access")
 
 LIMITED_PATH = "/v1/chat/completions"
-# Open to all: the page (it asks for the key itself) and /health (for probes). Everything else, /v1/ and
-# /metrics, needs a key, so that no path spelling can reach an API route around the check.
-PUBLIC_PATHS = ("/", "/health")
+# Open to all: the page (it asks for the key itself), its icon (browsers fetch it without the page's key) and
+# /health (for probes). Everything else, /v1/ and /metrics, needs a key, so that no path spelling can reach an
+# API route around the check.
+PUBLIC_PATHS = ("/", "/health", "/favicon.ico")
 _REFUSED_KEY = "-"  # the access log's name for a request whose key was missing or wrong
 
 

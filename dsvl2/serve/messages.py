@@ -109,7 +109,7 @@ def to_conversation(messages: Sequence[ChatMessage], allow_local_files: bool, ma
 def load_images(sources: Sequence[ImageSource], max_pixels: int) -> list[Image.Image]:
     """Decode every image (RGB, EXIF orientation applied); problems become 400 errors naming the image."""
     pictures = []
-    for number, source in enumerate(sources):
+    for number, source in enumerate(sources, start=1):  # numbered as the page numbers its images
         try:
             pictures.append(load_image(source, max_pixels=max_pixels))
         except ImageTooLargeError as exc:

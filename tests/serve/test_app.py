@@ -25,8 +25,8 @@ pytest.importorskip("fastapi", reason="the serve extra is needed (pip install -e
 from dsvl2.engine.generate import Engine, Request  # noqa: E402
 from dsvl2.engine.sampling import SamplingParams  # noqa: E402
 from dsvl2.serve.launch import ServerProcess, ThreadedServer, get_json  # noqa: E402
-from dsvl2.serve.messages import grounding_entries, to_conversation  # noqa: E402
-from dsvl2.serve.schemas import ChatMessage  # noqa: E402
+from dsvl2.serve.messages import grounding_entries, load_images, to_conversation  # noqa: E402
+from dsvl2.serve.schemas import APIError, ChatMessage  # noqa: E402
 
 SERVED_NAME = "tiny-test"
 MAX_BODY_MB = 1
@@ -124,6 +124,16 @@ def test_image_parts_become_tags_at_their_place() -> None:
     assert conversation == [{"role": "system", "content": "Be brief."},
                             {"role": "user", "content": "First:\n<image>\n<image>\nCompare."}]
     assert [Image.open(io.BytesIO(data)).size for data in images] == [(4, 4), (5, 5)]
+
+
+def test_a_bad_image_is_named_by_its_number_from_one() -> None:
+    # The page numbers a message's images #1, #2, ...: the error must name the same one.
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with pytest.raises(APIError) as raised:
+        load_images([png.getvalue(), b"not an image"], max_pixels=1 << 20)
+    assert raised.value.message.startswith("image 2: "), raised.value.message
+    assert "0x" not in raised.value.message
 
 
 def test_grounding_boxes_are_pixels_of_the_last_image() -> None:

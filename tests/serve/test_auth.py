@@ -98,6 +98,7 @@ def test_health_and_the_page_need_no_key(keyed: ThreadedServer) -> None:
     assert get_json(keyed.base_url + "/health") == (200, {"status": "ok"})
     status, _, page = call(keyed.base_url + "/")
     assert status == 200 and b"key-form" in page
+    assert call(keyed.base_url + "/favicon.ico")[0] == 200  # browsers ask for it without the page's key
 
 
 def test_the_right_key_is_served_through_the_openai_client(keyed: ThreadedServer, conf_dir: Path) -> None:
