@@ -36,14 +36,6 @@ MAX_PENDING = 3
 
 
 @pytest.fixture(scope="module")
-def model_dir(conf_dir: Path) -> Path:
-    path = conf_dir / "tiny_like"
-    if not (path / "config.json").exists():
-        pytest.skip(f"no tiny_like checkpoint in {conf_dir}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(model_dir: Path):
     args = ["--served-model-name", SERVED_NAME, "--max-body-mb", str(MAX_BODY_MB), "--max-image-pixels",
             str(MAX_IMAGE_PIXELS), "--max-images", str(MAX_IMAGES), "--max-pending", str(MAX_PENDING),
@@ -55,13 +47,6 @@ def server(model_dir: Path):
 @pytest.fixture(scope="module")
 def client(server: ServerProcess):
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Engine:
-    import torch
-
-    return Engine.from_pretrained(model_dir, dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -40,21 +40,6 @@ PROTECTED = [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/
 
 
 @pytest.fixture(scope="module")
-def model_dir(conf_dir: Path) -> Path:
-    path = conf_dir / "tiny_like"
-    if not (path / "config.json").exists():
-        pytest.skip(f"no tiny_like checkpoint in {conf_dir}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir: Path) -> Engine:
-    import torch
-
-    return Engine.from_pretrained(model_dir, dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def keyed(engine: Engine):
     settings = ServeSettings(served_model_name=SERVED_NAME, api_keys=KeyRing([KEY, OTHER_KEY]))
     with ThreadedServer(create_app(EngineRunner(engine), settings)) as server:

@@ -7,7 +7,6 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -23,16 +22,6 @@ from tests.serve.test_auth import call, chat_body  # noqa: E402
 
 SERVED_NAME = "tiny-keyed"
 GREEDY, POLITE = "sk-greedy-client-0001", "sk-polite-client-0002"
-
-
-@pytest.fixture(scope="module")
-def engine(conf_dir: Path) -> Engine:
-    import torch
-
-    path = conf_dir / "tiny_like"
-    if not (path / "config.json").exists():
-        pytest.skip(f"no tiny_like checkpoint in {conf_dir}")
-    return Engine.from_pretrained(path, dtype=torch.float32, device="cpu")
 
 
 def serve(engine: Engine, **settings) -> ThreadedServer:

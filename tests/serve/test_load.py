@@ -31,14 +31,6 @@ IMAGES = ("square", "tiny", "wide", "tall")
 
 
 @pytest.fixture(scope="module")
-def model_dir(conf_dir: Path) -> Path:
-    path = conf_dir / "tiny_like"
-    if not (path / "config.json").exists():
-        pytest.skip(f"no tiny_like checkpoint in {conf_dir}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def image_urls(conf_dir: Path) -> dict[str, str]:
     return {name: "data:image/png;base64," + base64.b64encode((conf_dir / "images" / f"{name}.png").read_bytes())
             .decode() for name in IMAGES}
