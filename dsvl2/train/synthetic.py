@@ -92,9 +92,8 @@ MIN_SIDE, MAX_SIDE, MAX_ASPECT = 64, 896, 4.0
 MIN_SHAPE_PX = 16
 # Shape scenes are at most 2:1 (enough for every tile grid of the default model) and their shapes are
 # large: 30-50% of the short side and at least 15% of the long one. A vision tower trained from scratch
-# is read through attention, which starts as a mean over its tokens, so small shapes are averaged away:
-# an attention-pooling probe on a fresh ViT learned which colours an image holds to 0.09 / 0.43 / 0.75
-# exact-set accuracy in 200 steps with shapes 15-40% / 25-50% / 35-60% of the short side.
+# is read through attention, which starts as a mean over its tokens, so small shapes are averaged away
+# (measured: recipes/default/NOTES.md, "Shape sizes").
 SCENE_MAX_ASPECT = 2.0
 SHAPE_MIN_SHORT, SHAPE_MAX_SHORT, SHAPE_MIN_LONG = 0.3, 0.5, 0.15
 SHAPE_GAP_PX = 8  # free space around every shape, so shapes never touch and boxes never overlap
