@@ -196,21 +196,6 @@ def test_absorbed_and_expanded_mla_agree(variant: str) -> None:
             assert (expanded - absorbed).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_bytes_per_token(variant: str, dtype: torch.dtype) -> None:
-    cfg = model_and_processor(variant)[0].cfg.language
-    size = torch.finfo(dtype).bits // 8
-    if cfg.use_mla:
-        expected = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * size
-    else:
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        expected = 2 * cfg.num_key_value_heads * head_dim * cfg.num_hidden_layers * size
-    cache = KVCache(cfg, 3, 10, dtype=dtype)
-    assert cache.bytes_per_token == expected
-    assert cache.nbytes == expected * 3 * 10
-
-
 def test_a_sequence_in_a_batch_of_8_equals_the_sequence_alone() -> None:
     variant = "base_like" if "base_like" in VARIANTS else VARIANTS[0]
     cases = ["text_only", "one_square", "one_tiny", "system_turn", "unicode", "multi_turn", "one_tall", "two_images"]
