@@ -395,7 +395,9 @@ async def _accept(runner: EngineRunner, settings: ServeSettings, chat: ChatCompl
     try:
         request_id, queue, image_sizes = await anyio.to_thread.run_sync(work, limiter=limiter)
     except QueueFullError as exc:
-        raise APIError(429, f"{exc}; retry later", "queue_full", error_type="rate_limit_error") from None
+        # A slot frees as soon as any answer ends: a second is a fair first wait for a client's back-off.
+        raise APIError(429, f"{exc}; retry later", "queue_full", error_type="rate_limit_error",
+                       headers={"Retry-After": "1"}) from None
     except RunnerStoppedError as exc:
         raise APIError(503, str(exc), "unavailable", error_type="server_error") from None
     except InputError as exc:
@@ -406,7 +408,7 @@ async def _accept(runner: EngineRunner, settings: ServeSettings, chat: ChatCompl
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: HTTPRequest, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:

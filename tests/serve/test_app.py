@@ -290,8 +290,12 @@ def test_queue_full_then_disconnects_free_the_slots(server: ServerProcess) -> No
     before = metric(server.base_url, cancelled)
     streams = [_open_stream(server.base_url) for _ in range(MAX_PENDING)]
     try:
-        status, payload = post(server.base_url, _user("one more"))
-        assert status == 429 and payload["error"]["code"] == "queue_full"
+        request = urllib.request.Request(server.base_url + "/v1/chat/completions", data=json.dumps(
+            _user("one more")).encode(), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 429 and json.loads(refused.value.read())["error"]["code"] == "queue_full"
+        assert refused.value.headers["Retry-After"] == "1"  # clients back off, like the per-key limits' 429
         assert metric(server.base_url, "dsvl2_pending_requests") == MAX_PENDING
     finally:
         for stream in streams:
