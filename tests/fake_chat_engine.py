@@ -7,6 +7,7 @@ got and whether one was dropped early are reported on stderr.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -61,6 +62,11 @@ class FakeEngine:
 
 def main() -> int:
     from dsvl2 import chat, cli
+
+    # Ctrl-C as at a terminal a user opened, whatever the test process inherited (a CI job may start with
+    # SIGINT ignored or blocked, and a child keeps both across exec).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     chat.load_engine = lambda args: FakeEngine()
     return cli.main(sys.argv[1:])
