@@ -11,7 +11,6 @@ import dataclasses
 import io
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +24,7 @@ pytest.importorskip("fastapi", reason="the serve extra is needed (pip install -e
 from dsvl2.engine.generate import Engine, Request  # noqa: E402
 from dsvl2.engine.sampling import SamplingParams  # noqa: E402
 from dsvl2.serve.launch import ServerProcess, ThreadedServer, get_json  # noqa: E402
+from tests.serve.waiting import wait_for  # noqa: E402
 
 SERVED_NAME = "tiny-test"
 MAX_BODY_MB = 1
@@ -276,15 +276,6 @@ def _open_stream(base_url: str, max_tokens: int = 3000):
     return response
 
 
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_queue_full_then_disconnects_free_the_slots(server: ServerProcess) -> None:
     cancelled = 'dsvl2_request_finish_total{reason="cancelled"}'
     before = metric(server.base_url, cancelled)
@@ -301,7 +292,7 @@ def test_queue_full_then_disconnects_free_the_slots(server: ServerProcess) -> No
         for stream in streams:
             stream.close()
     # 3000 tokens each would take far longer than this: the disconnects cancelled them.
-    assert _wait_for(lambda: metric(server.base_url, "dsvl2_running_requests") == 0
+    assert wait_for(lambda: metric(server.base_url, "dsvl2_running_requests") == 0
                      and metric(server.base_url, "dsvl2_pending_requests") == 0)
     assert metric(server.base_url, cancelled) == before + MAX_PENDING
     status, payload = post(server.base_url, _user("after the storm"))
@@ -316,10 +307,10 @@ def test_a_client_leaving_before_its_answer_cancels_it(server: ServerProcess) ->
             f"Content-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection((server.host, server.port)) as connection:
         connection.sendall(head + body)
-        assert _wait_for(lambda: metric(server.base_url, "dsvl2_running_requests") == 1)
+        assert wait_for(lambda: metric(server.base_url, "dsvl2_running_requests") == 1)
     # Not streamed, so nothing was being written to it: the server noticed the closed connection itself.
-    assert _wait_for(lambda: metric(server.base_url, "dsvl2_pending_requests") == 0)
-    assert _wait_for(lambda: metric(server.base_url, cancelled) == before + 1)
+    assert wait_for(lambda: metric(server.base_url, "dsvl2_pending_requests") == 0)
+    assert wait_for(lambda: metric(server.base_url, cancelled) == before + 1)
 
 
 def test_metrics_count_requests_tokens_and_first_token_time(server: ServerProcess) -> None:

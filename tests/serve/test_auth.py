@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import ssl
-import time
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -30,6 +29,7 @@ from dsvl2.serve.app import ServeSettings, create_app  # noqa: E402
 from dsvl2.serve.auth import ENV_VAR, KeyRing, key_hash  # noqa: E402
 from dsvl2.serve.launch import ServerProcess, ThreadedServer, get_json  # noqa: E402
 from dsvl2.serve.runner import EngineRunner  # noqa: E402
+from tests.serve.waiting import wait_for  # noqa: E402
 
 SERVED_NAME = "tiny-keyed"
 KEY = "sk-dsvl2-test-7f3a9c21e8b4d6"
@@ -163,15 +163,6 @@ def tls(tmp_path_factory) -> tuple[list[str], ssl.SSLContext]:
     return ["--ssl-certfile", str(folder / "cert.pem"), "--ssl-keyfile", str(folder / "key.pem")], context
 
 
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_https_keys_from_option_environment_and_file_reloaded_on_sighup(model_dir: Path, tls, tmp_path: Path) -> None:
     import httpx
 
@@ -194,12 +185,12 @@ def test_https_keys_from_option_environment_and_file_reloaded_on_sighup(model_di
 
         key_file.write_text(f"{new_key}\n")
         os.kill(server.pid, signal.SIGHUP)
-        assert _wait_for(lambda: get_json(server.base_url + "/v1/models", context=context, key=new_key)[0] == 200)
+        assert wait_for(lambda: get_json(server.base_url + "/v1/models", context=context, key=new_key)[0] == 200)
         assert get_json(server.base_url + "/v1/models", context=context, key=file_key)[0] == 401
         assert get_json(server.base_url + "/v1/models", context=context, key=option_key)[0] == 200
         key_file.write_text("")  # an empty file is refused: the keys read before stay valid
         os.kill(server.pid, signal.SIGHUP)
-        assert _wait_for(lambda: "API keys not reloaded" in server.log_tail(100_000))
+        assert wait_for(lambda: "API keys not reloaded" in server.log_tail(100_000))
         assert get_json(server.base_url + "/v1/models", context=context, key=new_key)[0] == 200
         log = server.log_tail(100_000)
     assert f"key={key_hash(file_key)} POST /v1/chat/completions 200 prompt_tokens=" in log

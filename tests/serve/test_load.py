@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import random
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is needed (pip install -e '.[serve]')")
 
 from dsvl2.serve.launch import ServerProcess, get_json  # noqa: E402
+from tests.serve.waiting import wait_for  # noqa: E402
 
 SERVED_NAME = "tiny-load"
 KEY = "sk-load-test-5e1d"
@@ -147,15 +147,6 @@ def metric(base_url: str, name: str) -> float:
     return 0.0
 
 
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_survives_malformed_and_disconnected_requests_without_growing(server: ServerProcess,
                                                                        image_urls: dict[str, str]) -> None:
     base = server.base_url
@@ -169,7 +160,7 @@ def test_survives_malformed_and_disconnected_requests_without_growing(server: Se
         outcomes = list(pool.map(lambda n: _one_of_many(base, n, kinds[n], image_urls), range(10, len(kinds))))
     assert outcomes.count("refused") == 20 and outcomes.count("disconnect") == 20
     # Each disconnect cancelled its generation (3000 tokens would otherwise finish by length).
-    assert _wait_for(lambda: metric(base, 'dsvl2_request_finish_total{reason="cancelled"}') - cancelled_before == 20)
+    assert wait_for(lambda: metric(base, 'dsvl2_request_finish_total{reason="cancelled"}') - cancelled_before == 20)
     assert metric(base, "dsvl2_pending_requests") == 0
     assert get_json(base + "/health") == (200, {"status": "ok"})
     status, body = get_json(base + "/v1/models", key=KEY)
