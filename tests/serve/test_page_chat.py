@@ -36,16 +36,6 @@ def sse(text: str) -> str:
     return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from tests.serve.test_web_page import CHROMIUM_ARGS
-
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
 class CannedServer:
     """Routes of one browser context: the page, the model card, and answers taken from `answers` in turn."""
 

@@ -18,9 +18,6 @@ import pytest
 
 from tests.conformance_data import CHROMIUM
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (install Debian's browser: apt-get install -y chromium)",
                 allow_module_level=True)
@@ -89,14 +86,6 @@ def served(conf_dir: Path):
                                           delay_s=0.03))
     with ThreadedServer(create_app(runner, ServeSettings(served_model_name=SERVED_NAME))) as server:
         yield server, runner
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture()
