@@ -1,0 +1,356 @@
+"""Weight-only int8 and int4 matmul kernels: one `Prepared` module per quantized weight.
+
+The canonical quantized tensors (what dsvl2.quant's scheme writes and checkpoints hold):
+
+- int8: `qweight` int8 [N, K] and `scales` float32 [N]: w = qweight * scale (per output channel).
+- int4: `qweight` uint8 [N, K // 2], two values per byte (low nibble = input column 2j, high nibble =
+  column 2j + 1, q in 0..15), `scales` and `mins` float32 [N, K // g]: w = q * scale + min for each
+  group of g input columns.
+
+`prepare_int8` and `prepare_int4` convert them once into the layout of the kernel that will run them
+and return a `Prepared` module: `forward(x)` for x [..., K] in float32, bfloat16 or float16 returns
+[..., N] in x's dtype, `dequantize()` gives the float32 [N, K] weight exactly, and `kernel` names the
+kernel. Which kernel runs is decided in one place, `_choose_cpu` / `_choose_cuda`; the environment
+variable DSVL2_QUANT_KERNEL forces a path:
+
+- `auto` (default): the fastest measured path for the device (see benchmarks/NOTES_quant_kernels.md).
+- `stock`: PyTorch's own weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`).
+- `dequantize`: dequantize the weight at each call and run F.linear (works for every device and shape).
+
+Shapes that a kernel does not cover fall back to `dequantize`. This module is below the engine: it
+imports only torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENV_KERNEL = "DSVL2_QUANT_KERNEL"
+MODES = ("auto", "stock", "dequantize")
+GROUP_SIZES = (32, 64, 128)
+# PyTorch's stock CPU kernels read the weight once per row of x: up to this many rows they beat
+# dequantize-then-F.linear, above it the dense float32 matmul wins (benchmarks/NOTES_quant_kernels.md).
+STOCK_MAX_ROWS_CPU = 4
+
+
+def kernel_mode() -> str:
+    """The DSVL2_QUANT_KERNEL setting (auto when unset)."""
+    mode = os.environ.get(ENV_KERNEL, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_KERNEL}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+# ---------------------------------------------------------------------------------------------------
+# Canonical scheme: checks and the exact dequantization
+
+
+def check_int8(qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"int8 qweight must be a 2-d int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    if scales.shape != (qweight.shape[0],):
+        raise ValueError(f"int8 scales must be [{qweight.shape[0]}], got {tuple(scales.shape)}")
+
+
+def check_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> None:
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"int4 qweight must be a 2-d uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if k % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the input dimension {k}")
+    expected = (n, k // group_size)
+    if tuple(scales.shape) != expected or tuple(mins.shape) != expected:
+        raise ValueError(f"int4 scales and mins must be {list(expected)}, got {tuple(scales.shape)} "
+                         f"and {tuple(mins.shape)}")
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] (low nibble = column 2j) -> uint8 [N, K] of values 0..15."""
+    return torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).reshape(qweight.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of values 0..15 -> uint8 [N, K // 2] (low nibble = column 2j)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.to(torch.float32) * scales.to(torch.float32)[:, None]
+
+
+def dequantize_int4_values(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [N, K] (0..15, any integer dtype) -> float32 [N, K] = q * scale + min per group."""
+    n, k = q.shape
+    grouped = q.to(torch.float32).view(n, k // group_size, group_size)
+    w = grouped * scales.to(torch.float32)[..., None] + mins.to(torch.float32)[..., None]
+    return w.view(n, k)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    return dequantize_int4_values(unpack_int4(qweight), scales, mins, group_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The module
+
+
+class Prepared(nn.Module):
+    """A quantized weight in its kernel's layout; `forward(x)` = x @ W.T with W = `dequantize()`."""
+
+    kernel: str = "?"
+
+    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int | None = None):
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = in_features
+        self.bits = bits
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"quantized linear expects {self.in_features} input features, got {x.shape[-1]}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
+        out = self._matmul(x2)
+        return out.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> [M, N] (any float dtype)
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize-then-matmul: float32 on CPU (MKL), x's dtype elsewhere."""
+        w = self.dequantize()
+        if x.device.type == "cpu":
+            return F.linear(x.to(torch.float32), w)
+        return F.linear(x, w.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}, "
+                f"kernel={self.kernel}")
+
+
+class Int8Dequantize(Prepared):
+    """int8 weight, dequantized to float at each call (the fallback for every device and shape)."""
+
+    kernel = "int8-dequantize"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+        super().__init__(qweight.shape[0], qweight.shape[1], 8)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._dense(x)
+
+
+class Int8Stock(Int8Dequantize):
+    """int8 weight through `aten._weight_int8pack_mm` (bfloat16 activations and scales) for few rows,
+    dequantize-then-matmul above `max_rows`."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, max_rows: int, name: str):
+        super().__init__(qweight, scales)
+        self.max_rows = max_rows
+        self.kernel = name
+        self.register_buffer("scales_bf16", self.scales.to(torch.bfloat16))
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_rows:
+            return self._dense(x)
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.qweight, self.scales_bf16)
+
+
+class Int4Dequantize(Prepared):
+    """int4 weight in the canonical layout, dequantized at each call."""
+
+    kernel = "int4-dequantize"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
+        super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.register_buffer("mins", mins.to(torch.float32).contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._dense(x)
+
+
+def _int4_scales_and_zeros(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """PyTorch's int4pack kernels compute (q - 8) * scale + zero: zero = min + 8 * scale, laid out
+    [K // g, N, 2] in bfloat16."""
+    scales = scales.to(torch.float32)
+    return torch.stack((scales, mins.to(torch.float32) + 8 * scales), dim=-1).transpose(0, 1).contiguous().to(
+        torch.bfloat16)
+
+
+class Int4StockCPU(Prepared):
+    """int4 weight through `aten._weight_int4pack_mm_for_cpu` (its packed layout, bfloat16 activations).
+
+    The float32 scales and mins are kept for an exact `dequantize()`; the 4-bit values are read back
+    through the kernel itself (an identity matmul with scale 1 and zero 8 gives q exactly)."""
+
+    kernel = "int4-stock-cpu"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
+        super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
+        q = unpack_int4(qweight).to(torch.int32)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+        self.register_buffer("scales", scales.to(torch.float32).contiguous())
+        self.register_buffer("mins", mins.to(torch.float32).contiguous())
+        self.register_buffer("scales_and_zeros", _int4_scales_and_zeros(scales, mins))
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+
+    def _values(self) -> torch.Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        unit = torch.stack((torch.ones(k // g, n), torch.full((k // g, n), 8.0)), dim=-1).to(torch.bfloat16)
+        chunks = []
+        for start in range(0, k, 256):
+            eye = torch.eye(k, dtype=torch.bfloat16)[start:start + 256]
+            chunks.append(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, g, unit))
+        return torch.cat(chunks).t().round().to(torch.uint8)  # [N, K], values 0..15 exactly
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4_values(self._values(), self.scales, self.mins, self.group_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The choice: one place per device
+
+
+def _choose_int8_cpu(qweight, scales, mode):
+    # PyTorch 2.13's _weight_int8pack_mm reads past the row for K not a multiple of 8 with several rows
+    # of x (wrong results, reproduced); K a multiple of 32 is what the models have.
+    if mode == "dequantize" or qweight.shape[1] % 32:
+        return Int8Dequantize(qweight, scales)
+    return Int8Stock(qweight, scales, STOCK_MAX_ROWS_CPU,
+                     f"int8-stock-cpu(rows<={STOCK_MAX_ROWS_CPU}), dequantize-f32 above")
+
+
+def _choose_int4_cpu(qweight, scales, mins, group_size, mode):
+    if mode == "dequantize" or qweight.shape[0] % 16:
+        return Int4Dequantize(qweight, scales, mins, group_size)
+    return Int4StockCPU(qweight, scales, mins, group_size)
+
+
+def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, device: torch.device | str | None = None) -> Prepared:
+    """A module that multiplies by the int8 weight `qweight * scales[:, None]` on `device`."""
+    check_int8(qweight, scales)
+    device = torch.device(device if device is not None else qweight.device)
+    qweight, scales = qweight.to(device), scales.to(device=device, dtype=torch.float32)
+    mode = kernel_mode()
+    if device.type == "cpu":
+        return _choose_int8_cpu(qweight, scales, mode)
+    return _choose_int8_cuda(qweight, scales, mode)
+
+
+def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 device: torch.device | str | None = None) -> Prepared:
+    """A module that multiplies by the int4 weight (q * scale + min per group of `group_size` columns)."""
+    check_int4(qweight, scales, mins, group_size)
+    device = torch.device(device if device is not None else qweight.device)
+    qweight = qweight.to(device)
+    scales, mins = (t.to(device=device, dtype=torch.float32) for t in (scales, mins))
+    mode = kernel_mode()
+    if device.type == "cpu":
+        return _choose_int4_cpu(qweight, scales, mins, group_size, mode)
+    return _choose_int4_cuda(qweight, scales, mins, group_size, mode)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA (untested here: no GPU on the development machines)
+
+
+class Int8StockCUDA(Int8Dequantize):
+    """int8 weight through `aten._weight_int8pack_mm` on CUDA (activations and scales in x's 16-bit dtype)."""
+
+    kernel = "int8-stock-cuda"
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        return torch.ops.aten._weight_int8pack_mm(x.to(dtype).contiguous(), self.qweight, self.scales.to(dtype))
+
+
+class Int4StockCUDA(Prepared):
+    """int4 weight through `aten._weight_int4pack_mm` (tinygemm: bfloat16, sm80+); canonical tensors kept
+    beside the packed one for `dequantize()` and the rows-heavy fallback."""
+
+    kernel = "int4-stock-cuda"
+    INNER_K_TILES = 8
+
+    def __init__(self, qweight, scales, mins, group_size):
+        super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
+        self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("mins", mins.contiguous())
+        q = unpack_int4(qweight)
+        # The CUDA packer takes uint8 [N, K // 2] with the even column in the high nibble.
+        swapped = ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(swapped, self.INNER_K_TILES))
+        self.register_buffer("scales_and_zeros", _int4_scales_and_zeros(scales, mins))
+        self.register_buffer("qweight", qweight.contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.packed, self.group_size,
+                                                  self.scales_and_zeros)
+
+
+def _verified(module: Prepared, fallback) -> Prepared:
+    """`module` if it runs and matches dequantize-then-matmul on a small probe, else `fallback()`."""
+    try:
+        x = torch.randn(2, module.in_features, device=module.dequantize().device, dtype=torch.bfloat16)
+        got = module._matmul(x).float()
+        want = F.linear(x.float(), module.dequantize())
+        tol = 0.02 * want.abs().max().item() + 1e-3
+        if (got - want).abs().max().item() <= tol:
+            return module
+        log.info("quant kernels: %s gave wrong results on this device; using dequantize-then-matmul", module.kernel)
+    except (RuntimeError, NotImplementedError) as error:
+        log.info("quant kernels: %s unavailable (%s); using dequantize-then-matmul", module.kernel,
+                 str(error).splitlines()[0][:120])
+    return fallback()
+
+
+def _choose_int8_cuda(qweight, scales, mode):
+    fallback = lambda: Int8Dequantize(qweight, scales)  # noqa: E731
+    if mode == "dequantize" or qweight.device.type != "cuda":
+        return fallback()
+    return _verified(Int8StockCUDA(qweight, scales), fallback)
+
+
+def _choose_int4_cuda(qweight, scales, mins, group_size, mode):
+    fallback = lambda: Int4Dequantize(qweight, scales, mins, group_size)  # noqa: E731
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if mode == "dequantize" or qweight.device.type != "cuda" or n % 8 or k % (Int4StockCUDA.INNER_K_TILES * 16):
+        return fallback()
+    try:
+        module = Int4StockCUDA(qweight, scales, mins, group_size)
+    except (RuntimeError, NotImplementedError) as error:
+        log.info("quant kernels: int4-stock-cuda unavailable (%s)", str(error).splitlines()[0][:120])
+        return fallback()
+    return _verified(module, fallback)

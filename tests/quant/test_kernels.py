@@ -1,0 +1,131 @@
+"""dsvl2.quant.kernels: every kernel equals dequantize-then-matmul within tolerance, for every scheme, group
+size, activation dtype and row count; `dequantize()` is the exact inverse of the canonical scheme."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsvl2.quant import kernels
+
+ROWS = (1, 3, 8, 64, 300)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODES = ("auto", "stock", "dequantize")
+# (N, K): ordinary, N small, K not a multiple of 64 (int8 only), N not a multiple of 16.
+INT8_SHAPES = ((64, 256), (5, 96), (24, 100), (33, 1280))
+INT4_SHAPES = ((64, 256), (5, 128), (40, 384), (48, 1280))
+
+
+def random_int8(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) * 0.02 + 0.001
+    return q, scales
+
+
+def random_int4(n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    mins = -8 * scales + (torch.rand(n, k // group, generator=g) - 0.5) * 0.01
+    return kernels.pack_int4(q), scales, mins
+
+
+def activations(rows: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    x[:, ::17] *= 8  # a few outlier channels, as hidden states have
+    return x.to(dtype)
+
+
+def assert_matches(module, x: torch.Tensor, w: torch.Tensor, exact: bool) -> None:
+    """module(x) equals x @ w.T computed in float32 from x as given, within a bound that scales with
+    |x| @ |w|.T (the size of the terms summed): 1e-4 of it for float32 paths (float32's own rounding over
+    K terms), 2e-2 where a kernel rounds activations, scales or outputs to 16 or 8 bits."""
+    out = module(x)
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], w.shape[0])
+    ref = F.linear(x.float(), w)
+    bound = F.linear(x.float().abs(), w.abs())
+    rtol = 1e-4 if exact and x.dtype == torch.float32 else 2e-2
+    err = (out.float() - ref).abs()
+    worst = (err - rtol * bound).max().item()
+    assert worst <= 1e-4, f"{module.kernel}: error {err.max().item():.3g} exceeds {rtol} * |x||w|"
+
+
+@pytest.fixture(params=MODES)
+def mode(request, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_KERNEL, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", INT8_SHAPES)
+def test_int8_matches_dequantize_then_matmul(mode, shape):
+    q, scales = random_int8(*shape)
+    module = kernels.prepare_int8(q, scales, "cpu")
+    w = kernels.dequantize_int8(q, scales)
+    assert torch.equal(module.dequantize(), w)
+    for dtype in DTYPES:
+        for rows in ROWS:
+            assert_matches(module, activations(rows, shape[1], dtype), w, exact=mode == "dequantize")
+
+
+@pytest.mark.parametrize("group", kernels.GROUP_SIZES)
+@pytest.mark.parametrize("shape", INT4_SHAPES)
+def test_int4_matches_dequantize_then_matmul(mode, shape, group):
+    if shape[1] % group:
+        pytest.skip("group does not divide K")
+    qweight, scales, mins = random_int4(*shape, group)
+    module = kernels.prepare_int4(qweight, scales, mins, group, "cpu")
+    w = kernels.dequantize_int4(qweight, scales, mins, group)
+    assert torch.equal(module.dequantize(), w)
+    for dtype in DTYPES:
+        for rows in ROWS:
+            assert_matches(module, activations(rows, shape[1], dtype), w, exact=mode == "dequantize")
+
+
+def test_leading_dimensions_and_empty_input():
+    q, scales = random_int8(16, 64)
+    module = kernels.prepare_int8(q, scales, "cpu")
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    assert module(x).shape == (2, 3, 16)
+    assert module(torch.randn(0, 64)).shape == (0, 16)
+    with pytest.raises(ValueError, match="64 input features"):
+        module(torch.randn(1, 63))
+
+
+def test_canonical_int4_layout():
+    """Low nibble = even input column; w = q * scale + min per group."""
+    q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8).repeat(1, 8)  # [1, 32]
+    packed = kernels.pack_int4(q)
+    assert packed[0, 0].item() == 1 | (2 << 4) and packed[0, 1].item() == 15
+    assert torch.equal(kernels.unpack_int4(packed), q)
+    w = kernels.dequantize_int4(packed, torch.tensor([[0.5]]), torch.tensor([[-1.0]]), 32)
+    assert w[0, :4].tolist() == [-0.5, 0.0, 6.5, -1.0]
+
+
+def test_modules_are_buffers_only_and_name_their_kernel(mode):
+    qweight, scales, mins = random_int4(32, 128, 64)
+    module = kernels.prepare_int4(qweight, scales, mins, 64, "cpu")
+    assert list(module.parameters()) == []
+    assert module.kernel and module.kernel in repr(module)
+    if mode == "dequantize":
+        assert "dequantize" in module.kernel
+
+
+def test_bad_inputs_are_named():
+    q, scales = random_int8(8, 64)
+    with pytest.raises(ValueError, match="int8 scales"):
+        kernels.prepare_int8(q, scales[:4], "cpu")
+    qweight, s4, m4 = random_int4(8, 96, 32)
+    with pytest.raises(ValueError, match="does not divide"):
+        kernels.prepare_int4(qweight, s4, m4, 64, "cpu")
+    with pytest.raises(ValueError, match="group size"):
+        kernels.prepare_int4(qweight, s4, m4, 48, "cpu")
+
+
+def test_unknown_mode_is_refused(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_KERNEL, "fastest")
+    q, scales = random_int8(8, 64)
+    with pytest.raises(ValueError, match=kernels.ENV_KERNEL):
+        kernels.prepare_int8(q, scales, "cpu")
