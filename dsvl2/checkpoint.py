@@ -4,6 +4,9 @@ Loading builds the model on the meta device (no memory), checks every tensor nam
 against the file headers before reading any data, then reads tensors one at a time straight
 into their final storage. Files are read with plain `readinto` rather than memory-mapped, so the
 pages of the file never count a second time against the process's memory.
+
+With a quantization scheme (asked for, or the checkpoint's own `quantization_config`), the targeted linear layers
+are installed quantized as their tensors arrive (dsvl2.quant.load): memory peaks near the quantized model's size.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from torch import nn
 
 from dsvl2.config import ModelConfig, ModelFolder
 from dsvl2.model import DeepseekVL2
+from dsvl2.quant.load import QuantizingLoader, plan_targets
+from dsvl2.quant.scheme import QuantizationError, QuantScheme, resolve_scheme, scheme_from_config
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -94,8 +99,9 @@ def _describe(names: list[str], limit: int = 20) -> str:
     return shown + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_names_and_shapes(model: nn.Module, found: dict[str, list[int]], tied: set[str]) -> None:
-    expected = {name: list(p.shape) for name, p in model.named_parameters()}
+def check_names_and_shapes(expected: dict[str, list[int]], found: dict[str, list[int]], tied: set[str],
+                           wrong_dtypes: list[str] = ()) -> None:
+    """Raise a CheckpointError naming every missing, unexpected or mis-shaped (or mis-typed) tensor."""
     missing = sorted(n for n in expected if n not in found and n not in tied)
     unexpected = sorted(n for n in found if n not in expected and n not in tied)
     wrong = sorted(
@@ -109,6 +115,8 @@ def check_names_and_shapes(model: nn.Module, found: dict[str, list[int]], tied: 
         problems.append(f"unexpected tensors: {_describe(unexpected)}")
     if wrong:
         problems.append(f"wrong shapes: {_describe(wrong)}")
+    if wrong_dtypes:
+        problems.append(f"wrong dtypes: {_describe(list(wrong_dtypes))}")
     if problems:
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
 
@@ -124,32 +132,54 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
 
 
+def checkpoint_scheme(folder: ModelFolder) -> QuantScheme | None:
+    """The quantization a checkpoint was written with (its config.json's `quantization_config`), None if none."""
+    return scheme_from_config(folder.raw_config.get("quantization_config"))
+
+
 def load_model(
     source: str | Path | ModelFolder,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    quantize: QuantScheme | str | None = None,
 ) -> DeepseekVL2:
     """A DeepseekVL2 in `dtype` on `device` from a checkpoint directory (or its parsed `ModelFolder`), in eval
-    mode."""
+    mode. `quantize`: a QuantScheme to quantize the weights with as they are read, "none" for floating point
+    only, None for what the checkpoint holds (a quantized checkpoint loads quantized)."""
     folder = source if isinstance(source, ModelFolder) else ModelFolder.read(source)
     cfg = folder.config
+    stored = checkpoint_scheme(folder)
+    scheme = resolve_scheme(quantize, stored)
     files = checkpoint_files(folder.path)
     headers = {path: read_header(path) for path in files}
-    found = {name: entry["shape"] for entries, _ in headers.values() for name, entry in entries.items()}
+    entries = {name: entry for found_entries, _ in headers.values() for name, entry in found_entries.items()}
+    found = {name: entry["shape"] for name, entry in entries.items()}
     model = build_model(cfg)
     tied = {"language.lm_head.weight"} if cfg.language.tie_word_embeddings else set()
-    check_names_and_shapes(model, found, tied)
+    loader = None
+    if scheme is not None:
+        try:
+            scheme, targets = plan_targets(model, scheme)
+        except QuantizationError as exc:
+            raise (CheckpointError(f"{folder.path}: {exc}") if stored is not None else exc) from None
+        loader = QuantizingLoader(model, targets, stored is not None, dtype, device)
+    expected = loader.expected_shapes() if loader else {name: list(p.shape) for name, p in model.named_parameters()}
+    wrong_dtypes = loader.dtype_problems({n: SAFETENSORS_DTYPES.get(e["dtype"]) for n, e in entries.items()}) \
+        if loader else []
+    check_names_and_shapes(expected, found, tied, wrong_dtypes)
     tensors = iter_tensors(files, headers)
     if progress:
         from tqdm import tqdm
 
         tensors = tqdm(tensors, total=len(found), desc="loading weights", unit="tensor")
     for name, tensor in tensors:
-        if name in tied:
+        if name in tied or (loader is not None and loader.take(name, tensor)):
             continue
         target = torch.float32 if name.endswith(FLOAT32_SUFFIXES) or not tensor.is_floating_point() else dtype
         _set_parameter(model, name, tensor.to(device=device, dtype=target))
+    if loader is not None:
+        loader.finish()
     if cfg.language.tie_word_embeddings:
         model.language.lm_head.weight = model.language.model.embed_tokens.weight
     return model.eval()

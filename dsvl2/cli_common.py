@@ -40,7 +40,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None,
                         help="context length in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--kernels", default="auto", help=KERNELS_HELP)
-    parser.add_argument("--verbose", action="store_true", help="print the dtype and kernel paths chosen at load")
+    add_quantize_arguments(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="print the dtype, quantization and kernel paths chosen at load")
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quantize, --group-size, --quantize-also and --no-memory-check (dsvl2.quant)."""
+    from dsvl2.quant.memory import released_memory_table
+
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default=None,
+                        help="weight-only quantization of the language model's linear layers, done while the weights "
+                             "are read (default: as the checkpoint is; a checkpoint written by `dsvl2 quantize` loads "
+                             f"quantized). {released_memory_table()}")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
+                        help="int4 group size along the input dimension (default 64, or 32 where 64 does not divide "
+                             "a layer)")
+    parser.add_argument("--quantize-also", default="", metavar="PARTS",
+                        help="with --quantize, also quantize these parts in int8: lm_head, vision (comma-separated)")
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="load even when the estimated memory exceeds what is available")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,12 +88,16 @@ def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = T
     """The engine on the model options' checkpoint (the bundled default model without --model)."""
     from dsvl2.engine.generate import Engine
     from dsvl2.engine.kernels import check_option
+    from dsvl2.quant.linear import describe_quantization
 
     check_option(args.kernels)  # a misspelt --kernels fails before the weights are read
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=progress,
-                                    max_batch=max_batch, max_len=args.max_len, kernels=args.kernels)
+                                    max_batch=max_batch, max_len=args.max_len, kernels=args.kernels,
+                                    quantize=args.quantize, group_size=args.group_size,
+                                    quantize_also=args.quantize_also, check_memory=not args.no_memory_check)
     if args.verbose:
-        print(f"{engine.dtype} weights on {engine.device}; {engine.kernels.describe()}", file=sys.stderr)
+        print(f"{engine.dtype} weights on {engine.device}; {describe_quantization(engine.model)}; "
+              f"{engine.kernels.describe()}", file=sys.stderr)
     return engine
 
 

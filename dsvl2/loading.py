@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from dsvl2 import defaults
-from dsvl2.checkpoint import SAFETENSORS_DTYPES, checkpoint_files, load_model, read_header
+from dsvl2.checkpoint import SAFETENSORS_DTYPES, checkpoint_files, checkpoint_scheme, load_model, read_header
 from dsvl2.config import ModelFolder
 from dsvl2.errors import InputError
 from dsvl2.model import DeepseekVL2
 from dsvl2.processor import Processor
+from dsvl2.quant.memory import available_bytes, check_fits, kv_cache_bytes
+from dsvl2.quant.scheme import QUANTIZED_DTYPES, QuantScheme, parse_scheme, resolve_scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,11 +87,15 @@ def model_folder(source: str | Path | ModelFolder | None = None) -> ModelFolder:
 
 
 def stored_dtype(folder: ModelFolder) -> torch.dtype | None:
-    """The dtype holding most of a checkpoint's floating-point bytes, read from its safetensors headers."""
+    """The dtype holding most of a checkpoint's floating-point bytes, read from its safetensors headers (a
+    quantized checkpoint's scales and mins left out: they are float32 whatever the model's dtype)."""
+    quantized_suffixes = tuple(f".{suffix}" for suffix in QUANTIZED_DTYPES)
     totals: dict[torch.dtype, int] = {}
     for path in checkpoint_files(folder.path):
         entries, _ = read_header(path)
-        for entry in entries.values():
+        for name, entry in entries.items():
+            if name.endswith(quantized_suffixes):
+                continue
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is not None and dtype.is_floating_point:
                 totals[dtype] = totals.get(dtype, 0) + entry["data_offsets"][1] - entry["data_offsets"][0]
@@ -103,13 +109,34 @@ def load(
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
     cpu_half: bool = False,
+    quantize: str | QuantScheme | None = None,
+    group_size: int | None = None,
+    quantize_also: str | tuple[str, ...] = (),
+    check_memory: bool = True,
+    cache_slots: int = 0,
+    cache_len: int | None = None,
 ) -> tuple[DeepseekVL2, Processor]:
     """The model (in eval mode, on the chosen device and dtype) and processor of a checkpoint folder;
-    `cpu_half`: an automatic dtype on a CPU keeps a 16-bit checkpoint's dtype (see `choose_dtype`)."""
+    `cpu_half`: an automatic dtype on a CPU keeps a 16-bit checkpoint's dtype (see `choose_dtype`).
+
+    `quantize`: "int8" or "int4" quantizes the language model's linear layers as they are read (`group_size`:
+    int4's, default 64; `quantize_also`: "lm_head", "vision" in int8 too), "none" keeps floating point, None loads
+    what the checkpoint holds (a quantized checkpoint loads quantized). `check_memory`: stop before reading any
+    weight when the model (with a KV cache of `cache_slots` sequences of `cache_len` tokens, the model's context
+    when None) needs more memory than the device has free (dsvl2.quant.memory)."""
     folder = model_folder(source)
     device = choose_device(device)
+    asked = parse_scheme(quantize, group_size, quantize_also)
     # The processor first: a missing tokenizer file is reported before the weights are read.
     processor = Processor.from_pretrained(folder)
     stored = stored_dtype(folder) if cpu_half and device.type == "cpu" else None
-    model = load_model(folder, dtype=choose_dtype(dtype, device, stored, cpu_half), device=device, progress=progress)
+    dtype = choose_dtype(dtype, device, stored, cpu_half)
+    checkpoint = checkpoint_scheme(folder)
+    scheme = resolve_scheme(asked, checkpoint)
+    if check_memory:
+        where = "the GPU" if device.type == "cuda" else "this machine"
+        cache = kv_cache_bytes(folder.config.language, dtype, cache_slots, cache_len)
+        check_fits(folder.config, dtype, scheme, available_bytes(device), cache, can_quantize=checkpoint is None,
+                   where=where)
+    model = load_model(folder, dtype=dtype, device=device, progress=progress, quantize=asked)
     return model, processor

@@ -222,13 +222,21 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         progress: bool = False,
+        quantize: str | None = None,
+        group_size: int | None = None,
+        quantize_also: str | tuple[str, ...] = (),
+        check_memory: bool = True,
         **kwargs: Any,
     ) -> Engine:
         """An engine on a checkpoint folder's weights and processor (None: the bundled default model);
         `dsvl2.loading` chooses the device and dtype left unset (a GPU in bfloat16; the CPU in the checkpoint's
-        16-bit dtype where a kernel path computes it fast, else in float32)."""
+        16-bit dtype where a kernel path computes it fast, else in float32). `quantize` "none", "int8" or "int4"
+        (None: as the checkpoint is), `group_size`, `quantize_also` and `check_memory`: see `dsvl2.loading.load`."""
         half_ok = keeps_half_weights(cpu_flags(), fbgemm_fp16_available())
-        model, processor = load(model_dir, device=device, dtype=dtype, progress=progress, cpu_half=half_ok)
+        model, processor = load(model_dir, device=device, dtype=dtype, progress=progress, cpu_half=half_ok,
+                                quantize=quantize, group_size=group_size, quantize_also=quantize_also,
+                                check_memory=check_memory, cache_slots=kwargs.get("max_batch", 8),
+                                cache_len=kwargs.get("max_len"))
         return cls(model, processor, **kwargs)
 
     # -- properties -----------------------------------------------------------------------------
