@@ -1,9 +1,10 @@
 """A run's folder: its checkpoints (written atomically, the last `keep_last` kept) and its log.
 
 A checkpoint (`OUTPUT/checkpoint-NNNNNNN/`) has the layout `dsvl2` loads (config.json,
-model.safetensors, tokenizer files, processor_config.json) plus `trainer_state.pt`, whatever state
-the trainer needs to continue. It is written to a temporary folder, synced to disk and renamed, so a
-crash while saving leaves the previous one intact.
+model.safetensors, tokenizer files, processor_config.json), or for an adapter run an adapter folder
+(dsvl2.train.adapters), plus `trainer_state.pt`, whatever state the trainer needs to continue. It is
+written to a temporary folder, synced to disk and renamed, so a crash while saving leaves the previous
+one intact.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +108,19 @@ def resumable_checkpoint(output_dir: Path, resume: bool) -> Path | None:
 
 
 def write_checkpoint(output_dir: Path, step: int, weights: Any, model_config: dict, processor_source: Path,
-                     state: dict[str, Any], keep_last: int) -> Path:
+                     state: dict[str, Any], keep_last: int, writer: Callable[[Path], None] | None = None) -> Path:
     """Write `checkpoint-<step>` atomically: the weights in the released layout (anything with
-    `named_parameters`), the processor files of `processor_source`, and the training `state`."""
+    `named_parameters`; or whatever `writer(folder)` writes instead), the processor files of
+    `processor_source`, and the training `state`."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
     staging = output_dir / f".tmp-{final.name}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    save_model(weights, staging, model_config)
+    if writer is not None:
+        writer(staging)
+    else:
+        save_model(weights, staging, model_config)
     for name in PROCESSOR_FILES:
         if (processor_source / name).is_file():
             shutil.copyfile(processor_source / name, staging / name)

@@ -29,6 +29,7 @@ files. A module that does not import, or an option the class does not take, is a
     output: {dir: runs/sft, save_every: 500}
     # optional: extensions: [{use: "my_recipe.losses:BoxLoss", weight: 0.5, layer: 2}]
     # optional: trainer: {use: "my_recipe.stage:MyStage", steps_per_image: 2}
+    # optional: adapter: {r: 16, alpha: 32, target_modules: [q_proj, o_proj]}  # LoRA; the rest frozen
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsvl2.adapters.lora import ATTENTION, AdapterError, LoraSettings
 from dsvl2.train.extension import Extension
 from dsvl2.train.formats import FORMATS
 
@@ -53,6 +55,7 @@ MODULE_GROUPS = ("vision", "projector", "language")
 DTYPES = ("float32", "bfloat16")
 STRATEGIES = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "constant")
+QUANTIZE = ("none", "int8", "int4")
 
 
 class RecipeError(ValueError):
@@ -130,6 +133,25 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class AdapterSection:
+    """A LoRA adapter run: only the adapter learns; checkpoints hold it in peft's layout (dsvl2.adapters)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = ATTENTION  # a list of names, or one regular expression (peft's rule)
+    use_rslora: bool = False
+    dtype: str = "float32"  # the adapter's weights
+    base_dtype: str = "float32"  # the frozen base's weights; bfloat16 needs training.dtype bfloat16
+    quantize: str = "none"  # the frozen base's weight-only quantization (QLoRA): none | int8 | int4
+    group_size: int | None = None  # quantization group size (default: dsvl2.quant's)
+
+    def settings(self) -> LoraSettings:
+        return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
+                            use_rslora=self.use_rslora)
+
+
+@dataclass(frozen=True)
 class TrainRecipe:
     stage: str
     model: ModelSection
@@ -141,6 +163,7 @@ class TrainRecipe:
     training: TrainingSection = field(default_factory=TrainingSection)
     extensions: tuple[Plugin, ...] = ()  # built fresh by each trainer (`Plugin.build`)
     trainer: Plugin | None = None  # None: dsvl2.train.trainer.Trainer
+    adapter: AdapterSection | None = None  # a LoRA run (None: the stage's modules train)
     source: Path | None = None  # the YAML file it came from
     raw: dict = field(default_factory=dict)  # the parsed YAML, saved with checkpoints
 
@@ -352,6 +375,29 @@ def _check(recipe: TrainRecipe) -> None:
         raise RecipeError(f"schedule.min_lr_ratio must be in [0, 1], got {recipe.schedule.min_lr_ratio}")
     if recipe.training.device not in ("auto", "cpu") and not recipe.training.device.startswith("cuda"):
         raise RecipeError(f"training.device is {recipe.training.device!r}; expected auto, cpu or cuda[:N]")
+    if recipe.adapter is not None:
+        _check_adapter(recipe)
+
+
+def _check_adapter(recipe: TrainRecipe) -> None:
+    adapter = recipe.adapter
+    try:
+        adapter.settings()
+    except AdapterError as exc:
+        raise RecipeError(f"adapter: {exc}") from None
+    for key, value in (("adapter.dtype", adapter.dtype), ("adapter.base_dtype", adapter.base_dtype)):
+        if value not in DTYPES:
+            raise RecipeError(f"{key} is {value!r}; expected one of {', '.join(DTYPES)}")
+    if adapter.quantize not in QUANTIZE:
+        raise RecipeError(f"adapter.quantize is {adapter.quantize!r}; expected one of {', '.join(QUANTIZE)}")
+    if (adapter.base_dtype == "bfloat16" or adapter.quantize != "none") and recipe.training.dtype != "bfloat16":
+        raise RecipeError("adapter.base_dtype bfloat16 and adapter.quantize need training.dtype bfloat16 "
+                          "(autocast computes the frozen 16-bit base and the adapter together)")
+    if recipe.training.strategy == "fsdp":
+        raise RecipeError("training.strategy fsdp does not take an adapter: use ddp (the frozen base is "
+                          "replicated, only the adapter's gradients are reduced)")
+    if recipe.model.checkpoint is None:
+        raise RecipeError("adapter: model.checkpoint is required (an adapter adapts existing weights)")
 
 
 def recipe_from_dict(raw: dict, base_dir: str | Path = ".", source: Path | None = None) -> TrainRecipe:

@@ -9,6 +9,7 @@ by their global count), so any split of the same global batch gives the same los
 Checkpoints (`dsvl2.train.checkpoints`) hold the optimiser, scheduler, data position and RNG
 states of every rank, so `--resume` continues the same loss curve. A recipe's extensions
 (`dsvl2.train.extension`) add their losses to the step; a recipe's `trainer` replaces this one.
+With an `adapter:` section only a LoRA adapter learns (dsvl2.train.adapters).
 A record that cannot be used is skipped, counted in the log and listed in `skipped.jsonl` beside the
 checkpoints (step, file and line, reason); with `--strict` (data.strict) it stops the run instead.
 """
@@ -35,6 +36,7 @@ from torch import nn
 
 from dsvl2.model import DeepseekVL2
 from dsvl2.processor import Batch, Processor
+from dsvl2.train.adapters import GROUP, adapter_model, adapter_writer
 from dsvl2.train.checkpoints import (
     CHECKPOINT_PREFIX,
     LOG_FILE,
@@ -205,10 +207,14 @@ class Trainer:
         self.tokens_seen = 0
         self.history: list[dict[str, Any]] = []
 
-        self.model, self.model_config = initial_model(recipe, resume_from)
+        if recipe.adapter is not None:
+            self.model, self.model_config, self.groups = adapter_model(recipe, resume_from)
+            self.trainable = (GROUP,)
+        else:
+            self.model, self.model_config = initial_model(recipe, resume_from)
+            self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
+            self.trainable = trainable_groups(recipe.stage, recipe.training.freeze)
         self.processor = self._processor()
-        self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
-        self.trainable = trainable_groups(recipe.stage, recipe.training.freeze)
         if recipe.training.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.moe = moe_layers(self.model)
@@ -217,8 +223,8 @@ class Trainer:
         self.noaux = cfg.is_moe and cfg.topk_method == "noaux_tc"
         self.extensions = self._extensions(resume_from is None)
         self.engine = self._wrap()
-        # FSDP2 replaces the parameters by sharded ones: the optimiser must hold those.
-        self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
+        if recipe.adapter is None:  # FSDP2 replaces the parameters by sharded ones: the optimiser must hold those.
+            self.groups = configure_stage(self.model, recipe.stage, recipe.training.freeze)
         self.optimizer = build_optimizer(self.groups, recipe.optimizer)
         self.scheduler = build_scheduler(self.optimizer, recipe.schedule, recipe.training.steps)
         self.loader = TrainLoader(self._dataset())
@@ -549,8 +555,9 @@ class Trainer:
                 "recipe": self.recipe.raw, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                 "data": data_states, "rng": rng_states,
             }
+            writer = adapter_writer(self.model, self.recipe) if self.recipe.adapter is not None else None
             write_checkpoint(self.output_dir, self.step, weights, self.model_config, self.processor_source, state,
-                             self.recipe.output.keep_last)
+                             self.recipe.output.keep_last, writer=writer)
         self.dist.barrier()
         return final
 
