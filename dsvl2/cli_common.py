@@ -7,6 +7,7 @@ Heavy modules are imported inside the functions, so building the parser stays ch
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None,
                         help="context length in tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--kernels", default="auto", help=KERNELS_HELP)
+    parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                        help="a LoRA adapter folder in peft's format (adapter_config.json, adapter_model.safetensors) "
+                             "over the model; `dsvl2 serve` takes several, chosen per request by the model field "
+                             "(NAME, default: the folder's name)")
     add_quantize_arguments(parser)
     parser.add_argument("--verbose", action="store_true",
                         help="print the dtype, quantization and kernel paths chosen at load")
@@ -84,17 +89,38 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return sampling
 
 
-def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = True) -> Engine:
-    """The engine on the model options' checkpoint (the bundled default model without --model)."""
+def adapters_from_args(args: argparse.Namespace) -> dict[str, Path]:
+    """The --adapter options as {name: folder}; a name is given as NAME=DIR, else it is the folder's name."""
+    adapters: dict[str, Path] = {}
+    for value in getattr(args, "adapter", []):
+        name, sep, folder = value.partition("=")
+        if not sep or not re.fullmatch(r"[\w.:-]+", name) or Path(value).exists():
+            name, folder = Path(value).name, value
+        if name in adapters:
+            raise InputError(f"two adapters are named {name!r}: name them with --adapter NAME=DIR")
+        adapters[name] = Path(folder)
+    return adapters
+
+
+def load_engine(args: argparse.Namespace, max_batch: int = 1, progress: bool = True,
+                several_adapters: bool = False) -> Engine:
+    """The engine on the model options' checkpoint (the bundled default model without --model); with one
+    --adapter it runs that adapter, with `several_adapters` (serve) each request names its own."""
     from dsvl2.engine.generate import Engine
     from dsvl2.engine.kernels import check_option
     from dsvl2.quant.linear import describe_quantization
 
     check_option(args.kernels)  # a misspelt --kernels fails before the weights are read
+    adapters = adapters_from_args(args)
+    if len(adapters) > 1 and not several_adapters:
+        raise InputError(f"--adapter is given {len(adapters)} times; this command runs one (dsvl2 serve takes "
+                         "several)")
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, progress=progress,
                                     max_batch=max_batch, max_len=args.max_len, kernels=args.kernels,
                                     quantize=args.quantize, group_size=args.group_size,
-                                    quantize_also=args.quantize_also, check_memory=not args.no_memory_check)
+                                    quantize_also=args.quantize_also, check_memory=not args.no_memory_check,
+                                    adapters=adapters or None,
+                                    default_adapter=next(iter(adapters)) if adapters and not several_adapters else None)
     if args.verbose:
         print(f"{engine.dtype} weights on {engine.device}; {describe_quantization(engine.model)}; "
               f"{engine.kernels.describe()}", file=sys.stderr)

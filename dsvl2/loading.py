@@ -8,11 +8,13 @@ default changes in one line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from dsvl2 import defaults
+from dsvl2.adapters.peft_format import load_adapter, read_adapter
 from dsvl2.checkpoint import SAFETENSORS_DTYPES, checkpoint_files, checkpoint_scheme, load_model, read_header
 from dsvl2.config import ModelFolder
 from dsvl2.errors import InputError
@@ -115,6 +117,7 @@ def load(
     check_memory: bool = True,
     cache_slots: int = 0,
     cache_len: int | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
 ) -> tuple[DeepseekVL2, Processor]:
     """The model (in eval mode, on the chosen device and dtype) and processor of a checkpoint folder;
     `cpu_half`: an automatic dtype on a CPU keeps a 16-bit checkpoint's dtype (see `choose_dtype`).
@@ -123,7 +126,10 @@ def load(
     int4's, default 64; `quantize_also`: "lm_head", "vision" in int8 too), "none" keeps floating point, None loads
     what the checkpoint holds (a quantized checkpoint loads quantized). `check_memory`: stop before reading any
     weight when the model (with a KV cache of `cache_slots` sequences of `cache_len` tokens, the model's context
-    when None) needs more memory than the device has free (dsvl2.quant.memory)."""
+    when None) needs more memory than the device has free (dsvl2.quant.memory).
+
+    `adapters`: LoRA adapter folders in peft's layout by name, added over the one copy of the base weights
+    (dsvl2.adapters); each is read before the base weights are, and checked against the model before it is added."""
     folder = model_folder(source)
     device = choose_device(device)
     asked = parse_scheme(quantize, group_size, quantize_also)
@@ -138,5 +144,10 @@ def load(
         cache = kv_cache_bytes(folder.config.language, dtype, cache_slots, cache_len)
         check_fits(folder.config, dtype, scheme, available_bytes(device), cache, can_quantize=checkpoint is None,
                    where=where)
+    if adapters:
+        for path in adapters.values():  # a bad adapter is reported before the weights are read
+            read_adapter(path)
     model = load_model(folder, dtype=dtype, device=device, progress=progress, quantize=asked)
+    for name, path in (adapters or {}).items():
+        load_adapter(model, folder.config, path, name)
     return model, processor

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsvl2.errors import InputError
+
 # peft's shorthand for every linear layer but the output layer.
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYER = "language.lm_head"
@@ -31,7 +33,7 @@ OUTPUT_LAYER = "language.lm_head"
 ATTENTION = r"language\.model\.layers\.\d+\.self_attn\.\w+"
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An adapter cannot be applied to, or loaded into, this model; the message names the mismatch."""
 
 

@@ -4,8 +4,12 @@
 KV-cache slots, up to `prefill_chunk` prompt tokens are prefilled, then every sequence with a
 sampled token decodes together in one `decode_step` (each row at its own position, no padding).
 Images are encoded by the vision tower once per distinct image (an LRU keyed by the digest of
-the image's tiles), so a picture shared by several turns or requests costs one encoding, and a
+the image's tiles and the request's adapter), so a picture shared by several turns or requests costs one encoding, and a
 few tiles per step, so a large image does not stall the requests already decoding.
+
+With LoRA adapters loaded (dsvl2.adapters), each request names the one it runs (`Request.adapter`) over the
+shared base weights; a step runs one decode forward per adapter among its sequences, since a routed
+expert sees a gathered subset of rows and cannot follow a per-row choice.
 
 `submit` and `cancel` may be called from any thread; `step` belongs to one thread (a server's
 loop). `stream`, `generate` and `generate_batch` drive `step` themselves, for scripts and the CLI.
@@ -13,6 +17,7 @@ loop). `stream`, `generate` and `generate_batch` drive `step` themselves, for sc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -24,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dsvl2.adapters.lora import selection_of
 from dsvl2.config import ModelFolder
 from dsvl2.engine.cache import KVCache
 from dsvl2.engine.cpu import fbgemm_fp16_available, float32_compute, pack_language, set_native_rows
@@ -51,6 +57,7 @@ class Request:
     images: list = field(default_factory=list)  # PIL images, bytes or paths, in <image> order
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""  # filled with a uuid when empty
+    adapter: str | None = None  # a loaded adapter's name; None: the engine's default_adapter
 
 
 @dataclass
@@ -125,7 +132,7 @@ class ImageEncoding:
     sequence (and cached) as soon as its last tile is done.
     """
 
-    def __init__(self, sample: Any) -> None:
+    def __init__(self, sample: Any, adapter: str | None = None) -> None:
         crops = [(int(w), int(h)) for w, h in sample.images_spatial_crop.tolist() if w and h]
         digests = list(sample.image_digests) or [None] * len(crops)
         self.pixels = sample.pixel_values
@@ -133,7 +140,9 @@ class ImageEncoding:
         self.starts = [0]
         for w, h in crops:
             self.starts.append(self.starts[-1] + 1 + w * h)
-        self.keys = [(digest, w, h) if digest else None for digest, (w, h) in zip(digests, crops, strict=True)]
+        self.adapter = adapter  # an adapter may change the vision tower or projector: its own cache entries
+        self.keys = [(digest, w, h, adapter) if digest else None
+                     for digest, (w, h) in zip(digests, crops, strict=True)]
         self.features: list[torch.Tensor | None] = [None] * len(crops)
         self.done_tiles: dict[int, list[torch.Tensor]] = {}  # image -> projected tiles encoded so far
 
@@ -145,7 +154,8 @@ class ImageEncoding:
         wanted = [(i, t) for i, value in enumerate(self.features) if value is None
                   for t in range(self.starts[i] + self._encoded(i), self.starts[i + 1])][:tile_budget]
         if wanted:
-            encoded = engine.encode_tiles(self.pixels[[t for _, t in wanted]])
+            with engine.adapter_context(self.adapter):
+                encoded = engine.encode_tiles(self.pixels[[t for _, t in wanted]])
             for (i, _), tile in zip(wanted, encoded, strict=True):
                 self.done_tiles.setdefault(i, []).append(tile)
             for i in sorted({i for i, _ in wanted}):
@@ -178,14 +188,22 @@ class Engine:
         vision_tiles_per_step: int | None = None,
         compile: bool = False,
         kernels: str | KernelPlan | None = None,
+        default_adapter: str | None = None,
     ) -> None:
         """`vision_tiles_per_step`: image tiles encoded per step (default 2 on CPU, 32 on GPU).
         `kernels`: the path each part runs (dsvl2.engine.kernels): None or "auto" chooses by the CPU's
         capabilities, a --kernels value ("native", "prefill=float32,decode=native") changes that choice,
         a KernelPlan is used as it is. Applied once, in place: a float32 vision path converts the vision
-        tower and projector to float32, a float16-packed path packs the language model's linear layers."""
+        tower and projector to float32, a float16-packed path packs the language model's linear layers.
+        `default_adapter`: the loaded adapter a request without one runs (None: the base model)."""
         self._model = model.eval()
         self._processor = processor
+        self.adapters = selection_of(model)
+        self.adapter_names = tuple(self.adapters.names) if self.adapters is not None else ()
+        if default_adapter is not None and default_adapter not in self.adapter_names:
+            raise InputError(f"default adapter {default_adapter!r} is not loaded; loaded: "
+                             f"{', '.join(self.adapter_names) or 'none'}")
+        self.default_adapter = default_adapter
         lang = model.cfg.language
         self.max_len = int(max_len or lang.max_position_embeddings)
         self.max_batch = max_batch
@@ -222,6 +240,7 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         progress: bool = False,
+        adapters: dict[str, str | Path] | None = None,
         quantize: str | None = None,
         group_size: int | None = None,
         quantize_also: str | tuple[str, ...] = (),
@@ -231,12 +250,13 @@ class Engine:
         """An engine on a checkpoint folder's weights and processor (None: the bundled default model);
         `dsvl2.loading` chooses the device and dtype left unset (a GPU in bfloat16; the CPU in the checkpoint's
         16-bit dtype where a kernel path computes it fast, else in float32). `quantize` "none", "int8" or "int4"
-        (None: as the checkpoint is), `group_size`, `quantize_also` and `check_memory`: see `dsvl2.loading.load`."""
+        (None: as the checkpoint is), `group_size`, `quantize_also`, `check_memory` and `adapters` (LoRA adapter
+        folders by name; `default_adapter` chooses the one requests run by default): see `dsvl2.loading.load`."""
         half_ok = keeps_half_weights(cpu_flags(), fbgemm_fp16_available())
         model, processor = load(model_dir, device=device, dtype=dtype, progress=progress, cpu_half=half_ok,
                                 quantize=quantize, group_size=group_size, quantize_also=quantize_also,
                                 check_memory=check_memory, cache_slots=kwargs.get("max_batch", 8),
-                                cache_len=kwargs.get("max_len"))
+                                cache_len=kwargs.get("max_len"), adapters=adapters)
         return cls(model, processor, **kwargs)
 
     # -- properties -----------------------------------------------------------------------------
@@ -264,6 +284,16 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def adapter_context(self, name: str | None) -> contextlib.AbstractContextManager:
+        """The context in which the model runs adapter `name` (None: the base model)."""
+        return self.adapters.use(name) if self.adapters is not None else contextlib.nullcontext()
+
+    def _resolve_adapter(self, request: Request) -> str | None:
+        name = request.adapter if request.adapter is not None else self.default_adapter
+        if name is not None and name not in self.adapter_names:
+            raise InputError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.adapter_names) or 'none'}")
+        return name
+
     # -- submitting -----------------------------------------------------------------------------
 
     def validate(self, request: Request) -> None:
@@ -275,6 +305,7 @@ class Engine:
         if not isinstance(request.sampling, SamplingParams):
             raise InputError(f"sampling must be a SamplingParams, got {type(request.sampling).__name__}")
         request.sampling.validate()
+        self._resolve_adapter(request)
         # No images on the request: the processor takes each message's own "images" list, if any.
         images = list(request.images) if request.images else None
         sample = self._processor.encode(request.conversation, images, inference=True)
@@ -303,6 +334,7 @@ class Engine:
             generator=make_generator(params.seed, self.device) if needs_generator else None,
             decoder=self.tokenizer.stream_decoder(),
             stop_filter=StopStringFilter(params.stop),
+            adapter=self._resolve_adapter(request),
         )
         try:
             self.scheduler.add(seq)
@@ -351,7 +383,7 @@ class Engine:
         positions = torch.arange(start, stop, device=self.device)[None]
         slots = torch.tensor([seq.slot], device=self.device)
         with float32_compute(self.kernels.prefill == FLOAT32):
-            with self.cache.slot_range(seq.slot, seq.slot + 1):
+            with self.cache.slot_range(seq.slot, seq.slot + 1), self.adapter_context(seq.adapter):
                 logits = self._model.decode_step(embeds, positions, self.cache, slots, absorbed=False)
         seq.prefilled = stop
         self.stats["prefill_tokens"] += stop - start
@@ -364,6 +396,17 @@ class Engine:
         return self._accept(seq, token)
 
     def _decode(self, batch: list[Sequence]) -> list[TokenEvent]:
+        """One decode forward per adapter among the batch's sequences (one in all without adapters)."""
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in batch:
+            groups.setdefault(seq.adapter, []).append(seq)
+        events: list[TokenEvent] = []
+        for name, group in groups.items():
+            with self.adapter_context(name):
+                events += self._decode_group(group)
+        return events
+
+    def _decode_group(self, batch: list[Sequence]) -> list[TokenEvent]:
         tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)
         positions = torch.tensor([[s.next_position] for s in batch], device=self.device)
         slots_list = [s.slot for s in batch]
@@ -433,7 +476,7 @@ class Engine:
         """Prompt embeddings [T, D] with each image's features at its image tokens, or None while
         the images are still being encoded (at most `vision_tiles_per_step` tiles per step)."""
         if seq.images is None:
-            seq.images = ImageEncoding(seq.sample)
+            seq.images = ImageEncoding(seq.sample, seq.adapter)
         if not seq.images.advance(self, self.vision_tiles_per_step):
             return None
         input_ids = seq.sample.input_ids.to(self.device)[None]

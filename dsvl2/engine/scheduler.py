@@ -50,6 +50,7 @@ class Sequence:
     images: Any = None  # dsvl2.engine.generate.ImageEncoding while the prompt's images are encoded
     output_ids: list[int] = field(default_factory=list)
     first_token_time: float | None = None
+    adapter: str | None = None  # the LoRA adapter it runs (dsvl2.adapters); None: the base model
 
     @property
     def prompt_len(self) -> int:
