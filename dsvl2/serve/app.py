@@ -208,6 +208,7 @@ class _Completion:
         self.created = int(time.time())
         self.queue = queue
         self.image_sizes = image_sizes
+        self.model = chat.model or settings.served_model_name  # the base model's name, or an adapter's
 
     def release(self) -> None:
         self.runner.cancel(self.request_id)  # a no-op once the request finished
@@ -243,13 +244,13 @@ class _Completion:
             return JSONResponse(error.body(), status_code=error.status)
         self.state["usage"] = (final.prompt_tokens, final.completion_tokens)
         text = "".join(pieces)
-        body = completion_body(self.completion_id, self.settings.served_model_name, text, final.finish_reason or "stop",
+        body = completion_body(self.completion_id, self.model, text, final.finish_reason or "stop",
                                grounding_entries(text, self.image_sizes), final.prompt_tokens,
                                final.completion_tokens, created=self.created)
         return JSONResponse(body)
 
     async def stream(self) -> AsyncIterator[str]:
-        model = self.settings.served_model_name
+        model = self.model
         try:
             yield _sse(chunk_body(self.completion_id, model, self.created, {"role": "assistant", "content": ""}))
             pieces: list[str] = []
@@ -325,27 +326,30 @@ def create_app(runner: EngineRunner, settings: ServeSettings, manage_runner: boo
     async def metrics() -> Response:
         return Response(runner.metrics.render(), media_type=CONTENT_TYPE)
 
-    def model_card() -> dict[str, Any]:
+    def model_card(model_id: str) -> dict[str, Any]:
         # image_tag_position tells a client whether this model reads a question's images before the text
         # ("before") or after it ("after"); the web page orders a message's parts by it.
-        return {"id": settings.served_model_name, "object": "model", "created": started_at, "owned_by": "dsvl2",
+        card = {"id": model_id, "object": "model", "created": started_at, "owned_by": "dsvl2",
                 "image_tag_position": runner.engine.processor.config.image_tag_position}
+        if model_id != settings.served_model_name:  # an adapter over the base model
+            card["parent"] = settings.served_model_name
+        return card
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list", "data": [model_card(name) for name in _served_names(runner, settings)]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
-        if model_id != settings.served_model_name:
-            raise _unknown_model(model_id, settings)
-        return JSONResponse(model_card())
+        if model_id not in _served_names(runner, settings):
+            raise _unknown_model(model_id, runner, settings)
+        return JSONResponse(model_card(model_id))
 
     @app.post(CHAT_PATH)
     async def chat_completions(request: HTTPRequest) -> Response:
         chat = parse_request(_decode_json(await _read_body(request, settings.max_body_bytes)))
-        if chat.model is not None and chat.model != settings.served_model_name:
-            raise _unknown_model(chat.model, settings)
+        if chat.model is not None and chat.model not in _served_names(runner, settings):
+            raise _unknown_model(chat.model, runner, settings)
         state = request.scope.setdefault("state", {})
         if settings.log_prompts:
             state["prompt"] = prompt_summary(chat.messages)
@@ -368,19 +372,30 @@ def _add_middleware(app: FastAPI, runner: EngineRunner, settings: ServeSettings)
                            allow_headers=["Authorization", "Content-Type"])
 
 
-def _unknown_model(model: str, settings: ServeSettings) -> APIError:
-    return APIError(404, f"the model {model[:200]!r} does not exist; this server serves "
-                    f"{settings.served_model_name!r}", "model_not_found", param="model")
+def _served_names(runner: EngineRunner, settings: ServeSettings) -> list[str]:
+    """The model ids a request may name: the base model's, then each loaded adapter's."""
+    return [settings.served_model_name, *getattr(runner.engine, "adapter_names", ())]
+
+
+def _adapter(chat: ChatCompletionRequest, settings: ServeSettings) -> str | None:
+    """The adapter a request's model field names (None: the base model, named or not)."""
+    return None if chat.model in (None, settings.served_model_name) else chat.model
+
+
+def _unknown_model(model: str, runner: EngineRunner, settings: ServeSettings) -> APIError:
+    served = ", ".join(repr(name) for name in _served_names(runner, settings))
+    return APIError(404, f"the model {model[:200]!r} does not exist; this server serves {served}",
+                    "model_not_found", param="model")
 
 
 def _prepare_and_submit(runner: EngineRunner, settings: ServeSettings, conversation: list[dict[str, str]],
-                        sources: list, sampling: SamplingParams, loop: asyncio.AbstractEventLoop
-                        ) -> tuple[str, asyncio.Queue[TokenEvent], list[tuple[int, int]]]:
+                        sources: list, sampling: SamplingParams, loop: asyncio.AbstractEventLoop,
+                        adapter: str | None = None) -> tuple[str, asyncio.Queue[TokenEvent], list[tuple[int, int]]]:
     """Decode the images and queue the request (in a worker thread: both take CPU time)."""
     pictures = load_images(sources, settings.max_image_pixels)
     request_id = uuid.uuid4().hex
     engine_request = EngineRequest(conversation=conversation, images=pictures, sampling=sampling,
-                                   request_id=request_id)
+                                   request_id=request_id, adapter=adapter)
     queue = runner.submit(engine_request, loop)
     return request_id, queue, [(picture.width, picture.height) for picture in pictures]
 
@@ -391,7 +406,7 @@ async def _accept(runner: EngineRunner, settings: ServeSettings, chat: ChatCompl
     conversation, sources = to_conversation(chat.messages, settings.allow_local_files, settings.max_images)
     sampling = _sampling(chat, settings)
     work = functools.partial(_prepare_and_submit, runner, settings, conversation, sources, sampling,
-                             asyncio.get_running_loop())
+                             asyncio.get_running_loop(), _adapter(chat, settings))
     try:
         request_id, queue, image_sizes = await anyio.to_thread.run_sync(work, limiter=limiter)
     except QueueFullError as exc:

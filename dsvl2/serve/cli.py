@@ -95,6 +95,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("max_batch", "max_len", "max_pending", "max_body_mb", "max_image_pixels", "max_images",
                  "default_max_tokens", "preprocess_workers", "max_concurrent_per_key", "requests_per_minute_per_key"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    _check_adapter_names(args)
     args.key_ring = _key_ring(args)
     _check_tls(args)
     for origin in args.cors_origin:
@@ -106,6 +107,20 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.allow_local_files and not is_loopback(args.host):
         print(f"warning: --allow-local-files on {args.host}: any client that reaches this address can make the "
               "server read image files it has access to", file=sys.stderr)
+
+
+def _check_adapter_names(args: argparse.Namespace) -> None:
+    """A request names an adapter by the model field: no adapter may take the base model's name."""
+    from dsvl2.cli_common import adapters_from_args
+
+    try:
+        adapters = adapters_from_args(args)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    served = args.served_model_name or args.model.resolve().name
+    if served in adapters:
+        raise SystemExit(f"error: the adapter {adapters[served]} would be served as {served!r}, the base model's "
+                         "name: name it with --adapter NAME=DIR")
 
 
 def _key_ring(args: argparse.Namespace) -> KeyRing | None:
@@ -164,12 +179,16 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     import uvicorn
 
+    from dsvl2.adapters.lora import AdapterError
     from dsvl2.serve.app import create_app
     from dsvl2.serve.runner import EngineRunner
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = build_settings(args)
-    engine = load_engine(args, max_batch=args.max_batch, progress=False)
+    try:
+        engine = load_engine(args, max_batch=args.max_batch, progress=False, several_adapters=True)
+    except AdapterError as exc:  # a bad adapter folder: one line, as for the other options
+        raise SystemExit(f"error: {exc}") from None
     runner = EngineRunner(engine, max_pending=args.max_pending)
     app = create_app(runner, settings)
     if settings.api_keys is not None and args.api_key_file is not None:

@@ -68,3 +68,32 @@ def test_default_adapter_and_bad_adapters(conf_dir: Path, adapter_dirs: dict[str
     with pytest.raises(AdapterError, match="trained on another base model"):
         Engine.from_pretrained(conf_dir / "tiny_like", dtype="float32", device="cpu", adapters=adapter_dirs,
                                check_memory=False)
+
+
+def test_serve_picks_the_adapter_by_the_model_field(conf_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+    openai = pytest.importorskip("openai", reason="the openai client is needed (pip install -e '.[test]')")
+    pytest.importorskip("fastapi", reason="the serve extra is needed (pip install -e '.[serve]')")
+    from dsvl2.serve.app import ServeSettings, create_app
+    from dsvl2.serve.launch import ThreadedServer
+    from dsvl2.serve.runner import EngineRunner
+
+    engine = Engine.from_pretrained(conf_dir / "small_like", dtype="float32", device="cpu", adapters=adapter_dirs,
+                                    max_batch=4, check_memory=False)
+    expected = {name: engine.generate(_request(name)).text for name in (None, "a", "b")}
+    runner = EngineRunner(engine)
+    app = create_app(runner, ServeSettings(served_model_name="base"))
+    messages = [{"role": "user", "content": "Tell me a story about a cat."}]
+    with ThreadedServer(app) as threaded:
+        client = openai.OpenAI(base_url=threaded.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [(m.id, getattr(m, "parent", None)) for m in client.models.list().data] == [
+            ("base", None), ("a", "base"), ("b", "base")]
+        for model, adapter in (("base", None), ("a", "a"), ("b", "b")):
+            answer = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+            assert answer.model == model and answer.choices[0].message.content == expected[adapter]
+        chunks = list(client.chat.completions.create(model="b", messages=messages, max_tokens=8, temperature=0,
+                                                     stream=True))
+        assert {c.model for c in chunks} == {"b"}
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["b"]
+        with pytest.raises(openai.NotFoundError, match="this server serves 'base', 'a', 'b'"):
+            client.chat.completions.create(model="c", messages=messages, max_tokens=2)
+    runner.stop()
