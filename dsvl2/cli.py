@@ -198,6 +198,8 @@ COMMANDS: list[Command] = [
     Command("train", "fine-tune or train from scratch", "dsvl2.train.trainer"),
     Command("eval", "run the evaluation suites", "dsvl2.eval.runner"),
     Command("quantize", "write an int8 or int4 weight-only quantized checkpoint", "dsvl2.quant.cli"),
+    Command("merge", "fold a LoRA adapter into a model's weights (a checkpoint in the released layout)",
+            "dsvl2.adapters.merge"),
     Command("data synth", "write a synthetic vision-language dataset", "dsvl2.train.synthetic"),
     Command("data check", "read every record and image of a recipe's data (or --data files) and report problems",
             "dsvl2.train.check"),
