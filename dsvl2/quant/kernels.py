@@ -14,6 +14,7 @@ kernel. Which kernel runs is decided in one place, `_choose_cpu` / `_choose_cuda
 variable DSVL2_QUANT_KERNEL forces a path:
 
 - `auto` (default): the fastest measured path for the device (see benchmarks/NOTES_quant_kernels.md).
+- `extension`: the AVX2 C++ kernels in csrc/qmatmul.cpp (built at first use; `stock` when they cannot be).
 - `stock`: PyTorch's own weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`).
 - `dequantize`: dequantize the weight at each call and run F.linear (works for every device and shape).
 
@@ -23,8 +24,15 @@ imports only torch.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
 import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +41,14 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ENV_KERNEL = "DSVL2_QUANT_KERNEL"
-MODES = ("auto", "stock", "dequantize")
+MODES = ("auto", "extension", "stock", "dequantize")
 GROUP_SIZES = (32, 64, 128)
 # PyTorch's stock CPU kernels read the weight once per row of x: up to this many rows they beat
 # dequantize-then-F.linear, above it the dense float32 matmul wins (benchmarks/NOTES_quant_kernels.md).
 STOCK_MAX_ROWS_CPU = 4
+# The C++ kernels read the weight once for up to 64 rows of x at a time; above this many rows dequantize-then-
+# F.linear wins (benchmarks/NOTES_quant_kernels.md).
+EXTENSION_MAX_ROWS_CPU = 64
 
 
 def kernel_mode() -> str:
@@ -238,10 +249,241 @@ class Int4StockCPU(Prepared):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The C++ extension (csrc/qmatmul.cpp): built once per machine with flags chosen from the CPU, loaded via ctypes
+
+SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
+ABI_VERSION = 2
+TILE = 4  # output rows per tile of the C++ kernels' weight layout (dsvl2_qmatmul_tile)
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_extension_lock = threading.Lock()
+_extension: tuple[ctypes.CDLL | None, str] | None = None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's capability flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def isa_options(flags: frozenset[str]) -> tuple[list[str], str] | None:
+    """Compiler flags and a name for the widest instruction set the kernels use on a CPU with `flags`;
+    None where the CPU lacks AVX2, FMA or F16C."""
+    base = ["-mavx2", "-mfma", "-mf16c"]
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return None
+    if "avx_vnni" in flags:
+        return [*base, "-mavxvnni", "-DDSVL2_VNNI=1"], "avx2-vnni"
+    if {"avx512f", "avx512vl", "avx512bw", "avx512_vnni"} <= flags:
+        return [*base, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni", "-DDSVL2_VNNI=2"], "avx512vl-vnni"
+    return base, "avx2"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root) / "dsvl2_qmatmul"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "torch_extensions" / "dsvl2_qmatmul"
+
+
+def _build(isa: list[str]) -> Path:
+    """The shared library for this source, compiler and flags: from the cache, or compiled into it."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    options = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", *isa]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *options]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"qmatmul-{key}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".qmatmul-{key}-{os.getpid()}.so"
+    done = subprocess.run([compiler, *options, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode:
+        partial.unlink(missing_ok=True)
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {first}")
+    os.replace(partial, target)  # atomic: a concurrent build of the same key lands the same bytes
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.dsvl2_qmatmul_abi() != ABI_VERSION or lib.dsvl2_qmatmul_tile() != TILE:
+        raise RuntimeError(f"{path.name} is a stale build")
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.dsvl2_q8_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, i64, ptr, c_int]
+    lib.dsvl2_q4_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
+    lib.dsvl2_q8_matmul.restype = lib.dsvl2_q4_matmul.restype = c_int
+    return lib
+
+
+def _self_check(lib: ctypes.CDLL, isa_name: str) -> None:
+    """Both kernels against dequantize-then-matmul on a small probe (they are built for CPUs that the tests
+    may never have run on)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 192, generator=g)
+    q8, s8 = torch.randint(-127, 128, (12, 192), generator=g, dtype=torch.int8), torch.rand(12, generator=g)
+    q4 = torch.randint(0, 16, (12, 192), generator=g, dtype=torch.uint8)
+    s4, m4 = torch.rand(12, 3, generator=g), torch.rand(12, 3, generator=g) - 0.5
+    probes = ((Int8Extension(lib, isa_name, q8, s8, 0), dequantize_int8(q8, s8)),
+              (Int4Extension(lib, isa_name, pack_int4(q4), s4, m4, 64, 0), dequantize_int4_values(q4, s4, m4, 64)))
+    for module, w in probes:
+        got, want = module._extension_matmul(x), F.linear(x, w)
+        bound = F.linear(x.abs(), w.abs())
+        if not bool(((got - want).abs() <= 0.02 * bound + 1e-4).all()):
+            raise RuntimeError(f"{module.kernel} gave wrong results on this CPU")
+
+
+def extension() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded kernels (or None) and one line saying which, or why not (for --verbose)."""
+    global _extension
+    with _extension_lock:
+        if _extension is None:
+            _extension = _load_extension()
+            log.info("quant kernels: %s", _extension[1])
+        return _extension
+
+
+def _load_extension() -> tuple[ctypes.CDLL | None, str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"no C++ kernels for {platform.machine()} CPUs: PyTorch's stock int8/int4 kernels"
+    isa = isa_options(cpu_flags())
+    if isa is None:
+        return None, "the CPU lacks AVX2/FMA/F16C: PyTorch's stock int8/int4 kernels"
+    try:
+        lib = _bind(_build(isa[0]))
+        _self_check(lib, isa[1])
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
+        return None, f"C++ kernels unavailable ({error}): PyTorch's stock int8/int4 kernels"
+    return lib, f"C++ kernels built for {isa[1]} ({SOURCE.name})"
+
+
+class _ExtensionMixin:
+    """forward through the C++ kernel up to `max_rows` rows of x, dequantize-then-matmul above."""
+
+    max_rows: int
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_rows:
+            return self._dense(x)
+        return self._extension_matmul(x)
+
+    def _extension_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _DTYPE_CODES:
+            x = x.to(torch.float32)
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        if self._call(x, out):
+            raise RuntimeError(f"{self.kernel}: the C++ kernel refused the shape {tuple(x.shape)}")
+        return out
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, C] -> [Np, C]: N padded with zero rows to a multiple of TILE."""
+    return F.pad(t, (0, 0, 0, -t.shape[0] % TILE))
+
+
+def to_int8_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> [Np / 4, Kp / 32, 4, 32]: tiles of 4 rows (N padded with zero rows), their 32-column
+    chunks interleaved, K padded with zeros to Kp (a multiple of 32)."""
+    k = qweight.shape[1]
+    q = _pad_rows(F.pad(qweight, (0, -k % 32)))
+    return q.view(-1, TILE, q.shape[1] // 32, 32).permute(0, 2, 1, 3).contiguous()
+
+
+def from_int8_kernel_layout(tiled: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    return tiled.permute(0, 2, 1, 3).reshape(-1, tiled.shape[1] * 32)[:n, :k]
+
+
+def to_int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K // 2] -> [Np / 4, Kp / 64, 4, 32] (Kp = K rounded up to 64): tiles of 4 rows, their
+    32-byte chunks interleaved; byte i of chunk s holds column 64s + i (low nibble) and 64s + 32 + i (high)."""
+    q = unpack_int4(qweight)
+    q = _pad_rows(F.pad(q, (0, -q.shape[1] % 64)))
+    q = q.view(-1, TILE, q.shape[1] // 64, 2, 32)
+    return (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+
+
+def from_int4_kernel_layout(tiled: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The kernel's layout -> uint8 [N, K] of values 0..15."""
+    chunks = tiled.permute(0, 2, 1, 3)  # [Np / 4, 4, Kp / 64, 32]
+    q = torch.stack((chunks & 0x0F, chunks >> 4), dim=3)  # [Np / 4, 4, Kp / 64, 2, 32]
+    return q.reshape(-1, tiled.shape[1] * 64)[:n, :k]
+
+
+def to_group_tiles(t: torch.Tensor) -> torch.Tensor:
+    """Per-group scales or mins [N, G] -> [Np / 4, G, 4] float32 (the 4 rows of a tile side by side)."""
+    t = _pad_rows(t.to(torch.float32))
+    return t.view(-1, TILE, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def from_group_tiles(tiled: torch.Tensor, n: int) -> torch.Tensor:
+    return tiled.transpose(1, 2).reshape(-1, tiled.shape[1])[:n]
+
+
+class Int8Extension(_ExtensionMixin, Prepared):
+    """int8 weight in the C++ kernel's tiled layout (to_int8_kernel_layout) through dsvl2_q8_matmul."""
+
+    def __init__(self, lib: ctypes.CDLL, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor, max_rows: int):
+        n, k = qweight.shape
+        super().__init__(n, k, 8)
+        self._lib, self.max_rows = lib, max_rows
+        self.kernel = f"int8-{isa_name}(rows<={max_rows}), dequantize-f32 above"
+        self.register_buffer("qweight", to_int8_kernel_layout(qweight))
+        self.register_buffer("scales", F.pad(scales.to(torch.float32), (0, -n % TILE)).contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        q = from_int8_kernel_layout(self.qweight, self.out_features, self.in_features)
+        return dequantize_int8(q, self.scales[: self.out_features])
+
+    def _call(self, x: torch.Tensor, out: torch.Tensor) -> int:
+        return self._lib.dsvl2_q8_matmul(x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], self.in_features,
+                                         self.qweight.data_ptr(), self.scales.data_ptr(), self.out_features,
+                                         out.data_ptr(), torch.get_num_threads())
+
+
+class Int4Extension(_ExtensionMixin, Prepared):
+    """int4 weight in the C++ kernel's tiled layout (to_int4_kernel_layout) through dsvl2_q4_matmul."""
+
+    def __init__(self, lib: ctypes.CDLL, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor,
+                 mins: torch.Tensor, group_size: int, max_rows: int):
+        super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
+        self._lib, self.max_rows = lib, max_rows
+        self.kernel = f"int4-{isa_name}(rows<={max_rows}), dequantize-f32 above"
+        self.register_buffer("qweight", to_int4_kernel_layout(qweight))
+        self.register_buffer("scales", to_group_tiles(scales))
+        self.register_buffer("mins", to_group_tiles(mins))
+
+    def dequantize(self) -> torch.Tensor:
+        n = self.out_features
+        q = from_int4_kernel_layout(self.qweight, n, self.in_features)
+        return dequantize_int4_values(q, from_group_tiles(self.scales, n), from_group_tiles(self.mins, n),
+                                      self.group_size)
+
+    def _call(self, x: torch.Tensor, out: torch.Tensor) -> int:
+        return self._lib.dsvl2_q4_matmul(x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], self.in_features,
+                                         self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
+                                         self.group_size, self.out_features, out.data_ptr(), torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------------
 # The choice: one place per device
 
 
 def _choose_int8_cpu(qweight, scales, mode):
+    if mode in ("auto", "extension"):
+        lib, _ = extension()
+        if lib is not None:
+            return Int8Extension(lib, _isa_name(), qweight, scales, EXTENSION_MAX_ROWS_CPU)
     # PyTorch 2.13's _weight_int8pack_mm reads past the row for K not a multiple of 8 with several rows
     # of x (wrong results, reproduced); K a multiple of 32 is what the models have.
     if mode == "dequantize" or qweight.shape[1] % 32:
@@ -251,9 +493,18 @@ def _choose_int8_cpu(qweight, scales, mode):
 
 
 def _choose_int4_cpu(qweight, scales, mins, group_size, mode):
+    if mode in ("auto", "extension"):
+        lib, _ = extension()
+        if lib is not None:
+            return Int4Extension(lib, _isa_name(), qweight, scales, mins, group_size, EXTENSION_MAX_ROWS_CPU)
     if mode == "dequantize" or qweight.shape[0] % 16:
         return Int4Dequantize(qweight, scales, mins, group_size)
     return Int4StockCPU(qweight, scales, mins, group_size)
+
+
+def _isa_name() -> str:
+    isa = isa_options(cpu_flags())
+    return isa[1] if isa else "cpu"
 
 
 def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, device: torch.device | str | None = None) -> Prepared:

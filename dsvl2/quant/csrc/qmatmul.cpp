@@ -1,0 +1,333 @@
+// Weight-only int8 / int4 matmul for x86 CPUs with AVX2 (and VNNI where the CPU has it): out = x @ W.T.
+//
+// Plain C++ with a C ABI (no PyTorch headers, so it compiles in seconds); dsvl2/quant/kernels.py builds it
+// with flags chosen from the CPU's and calls it through ctypes. The activation rows are quantized to int8 on
+// the fly, one scale per block of 32 values (as llama.cpp's q8_0), and each block's integer dot product with
+// the weights is converted to float once:
+//   int8 weights (one scale per output row):  dot = wscale * sum_b dx_b * sum_i(qw_i * qx_i)
+//   int4 weights (w = q * scale + min per group): dot = sum_g scale_g * sum_b(dx_b * sum_i(q_i * qx_i))
+//                                                      + sum_g min_g * sum_i(x_i over the group)
+// The min term uses the exact float sums of x, so only the q * x term sees the activation rounding.
+//
+// Layouts (made once by kernels.py; N padded to a multiple of TILE = 4 rows with zero rows):
+//   int8: per tile of 4 rows, [Kp / 32][4][32] int8, Kp = K rounded up to 32 (zero padded); wscale [Np].
+//   int4: per tile of 4 rows, [Kp / 64][4][32] bytes, Kp = K rounded up to 64: byte i of a row's 32-byte chunk
+//         s holds column 64s + i in its low nibble and 64s + 32 + i in its high nibble (one load, one shift
+//         and two ands give two 32-column blocks). scales and mins per tile [K / group][4] float.
+// x and out: row-major [M][K] and [M][N] in float32 (0), bfloat16 (1) or float16 (2).
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+// 0: AVX2 (maddubs + madd); 1: AVX-VNNI; 2: AVX512-VNNI on 256-bit registers (AVX512VL).
+#ifndef DSVL2_VNNI
+#define DSVL2_VNNI 0
+#endif
+
+namespace {
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline float scalar_load(const void* p, int64_t i, int dt) {
+  if (dt == F32) return static_cast<const float*>(p)[i];
+  uint16_t h = static_cast<const uint16_t*>(p)[i];
+  if (dt == BF16) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return _cvtsh_ss(h);
+}
+
+inline void scalar_store(void* p, int64_t i, int dt, float f) {
+  if (dt == F32) {
+    static_cast<float*>(p)[i] = f;
+  } else if (dt == BF16) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      u = (u >> 16) | 0x40u;  // NaN stays NaN
+    } else {
+      u = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+    }
+    static_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(u);
+  } else {
+    static_cast<uint16_t*>(p)[i] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+
+inline __m256 load8(const void* p, int64_t i, int dt) {
+  if (dt == F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if (dt == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Sum of u8 x s8 products in each group of 4 bytes, as 8 int32 lanes.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if DSVL2_VNNI == 1
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#elif DSVL2_VNNI == 2
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// One activation row -> int8 blocks of 32 (qx, scale dx per block) and, when xsum is given, the float sums
+// of x per group of `group` columns. Kp (a multiple of 32) >= K; the columns past K are zeros.
+void quantize_row(const void* x, int dt, int64_t K, int64_t Kp, int8_t* qx, float* dx, float* xsum, int64_t group) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  if (xsum) std::fill(xsum, xsum + K / group, 0.0f);
+  alignas(32) float tmp[32];
+  for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
+    __m256 v[4];
+    if (k0 + 32 <= K) {
+      for (int j = 0; j < 4; ++j) v[j] = load8(x, k0 + 8 * j, dt);
+    } else {
+      for (int j = 0; j < 32; ++j) tmp[j] = k0 + j < K ? scalar_load(x, k0 + j, dt) : 0.0f;
+      for (int j = 0; j < 4; ++j) v[j] = _mm256_load_ps(tmp + 8 * j);
+    }
+    __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                             _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+    const float amax = hmax(a);
+    dx[k0 / 32] = amax / 127.0f;
+    const __m256 mul = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    if (xsum && k0 < K) {
+      xsum[k0 / group] += hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    }
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], mul));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], mul));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], mul));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], mul));
+    i0 = _mm256_packs_epi32(i0, i1);
+    i2 = _mm256_packs_epi32(i2, i3);
+    i0 = _mm256_packs_epi16(i0, i2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qx + k0), _mm256_permutevar8x32_epi32(i0, perm));
+  }
+}
+
+struct Activations {
+  int64_t M, Kp, nb, G;
+  std::vector<int8_t> qx;   // [M][Kp]
+  std::vector<float> dx;    // [M][nb]
+  std::vector<float> xsum;  // [M][G]
+};
+
+Activations& quantize(const void* x, int dt, int64_t M, int64_t K, int64_t Kp, int64_t group, int nthreads) {
+  static thread_local Activations a;
+  a.M = M;
+  a.Kp = Kp;
+  a.nb = Kp / 32;
+  a.G = group ? K / group : 0;
+  a.qx.resize(M * Kp);
+  a.dx.resize(M * a.nb);
+  a.xsum.resize(std::max<int64_t>(M * a.G, 1));
+  const size_t row_bytes = static_cast<size_t>(K) * (dt == F32 ? 4 : 2);
+  const char* xb = static_cast<const char*>(x);
+  // Plain pointers: inside the parallel loop `a` would name each worker thread's own thread_local copy.
+  int8_t* qx = a.qx.data();
+  float* dx = a.dx.data();
+  float* xsum = group ? a.xsum.data() : nullptr;
+  const int64_t nb = a.nb, G = a.G;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * K >= (1 << 16))
+  for (int64_t m = 0; m < M; ++m) {
+    quantize_row(xb + m * row_bytes, dt, K, Kp, qx + m * Kp, dx + m * nb, xsum ? xsum + m * G : nullptr, group);
+  }
+  return a;
+}
+
+// Weights are read in one sequential stream: tiles of TILE output rows, their 32-byte chunks interleaved
+// (chunk j of rows 0..3, then chunk j + 1 of rows 0..3, ...), with a software prefetch PREFETCH bytes ahead.
+// Rows apart in memory were read as TILE short streams that the hardware prefetchers kept restarting: half
+// the bandwidth (benchmarks/NOTES_quant_kernels.md).
+constexpr int TILE = 4;
+constexpr int64_t PREFETCH = 1024;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+// The int8 product of one tile (TILE weight rows) with MR activation rows from m0; res[m * TILE + r].
+template <int MR>
+inline void q8_tile(const int8_t* w, const float* wscale, const Activations& a, int64_t m0, float* res) {
+  __m256 acc[TILE][MR];
+  for (int r = 0; r < TILE; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int8_t* qx = a.qx.data() + m0 * a.Kp;
+  const float* dx = a.dx.data() + m0 * a.nb;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const int8_t* wb = w + b * (TILE * 32);
+    prefetch(wb + PREFETCH);
+    prefetch(wb + PREFETCH + 64);
+    __m256i xv[MR];
+    __m256 dv[MR];
+    for (int m = 0; m < MR; ++m) {
+      xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * a.Kp + b * 32));
+      dv[m] = _mm256_broadcast_ss(dx + m * a.nb + b);
+    }
+    for (int r = 0; r < TILE; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + r * 32));
+      const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as unsigned (|-128| reads 128)
+      for (int m = 0; m < MR; ++m) {
+        const __m256i p = dot_u8s8(aw, _mm256_sign_epi8(xv[m], wv));
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv[m], acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < TILE; ++r)
+    for (int m = 0; m < MR; ++m) res[m * TILE + r] = hsum(acc[r][m]) * wscale[r];
+}
+
+// The int4 product of rows r0..r0+RS of one tile with MR activation rows from m0; res[m * TILE + r].
+// scales and mins of the tile are [G][TILE]. Per group the block sums collect in accg, then scale once.
+template <int RS, int MR>
+inline void q4_tile(const uint8_t* w, const float* scales, const float* mins, int64_t group, const Activations& a,
+                    int64_t m0, int64_t K, int r0, float* res) {
+  __m256 acc[RS][MR], accg[RS][MR];
+  for (int r = 0; r < RS; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = accg[r][m] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const int8_t* qx = a.qx.data() + m0 * a.Kp;
+  const float* dx = a.dx.data() + m0 * a.nb;
+  const int64_t nb = K / 32, per_group = group / 32;
+  for (int64_t s = 0; s * 2 < nb; ++s) {
+    const uint8_t* ws = w + s * (TILE * 32);
+    if (r0 == 0) {
+      prefetch(ws + PREFETCH);
+      prefetch(ws + PREFETCH + 64);
+    }
+    __m256i q[2][RS];
+    for (int r = 0; r < RS; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + (r0 + r) * 32));
+      q[0][r] = _mm256_and_si256(wv, low4);
+      q[1][r] = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low4);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t b = 2 * s + h;
+      if (b >= nb) break;
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * a.Kp + b * 32));
+        const __m256 dv = _mm256_broadcast_ss(dx + m * a.nb + b);
+        for (int r = 0; r < RS; ++r) {
+          accg[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(q[h][r], xv)), dv, accg[r][m]);
+        }
+      }
+      if ((b + 1) % per_group == 0) {
+        const float* sg = scales + (b / per_group) * TILE + r0;
+        for (int r = 0; r < RS; ++r) {
+          const __m256 sv = _mm256_broadcast_ss(sg + r);
+          for (int m = 0; m < MR; ++m) {
+            acc[r][m] = _mm256_fmadd_ps(accg[r][m], sv, acc[r][m]);
+            accg[r][m] = _mm256_setzero_ps();
+          }
+        }
+      }
+    }
+  }
+  const int64_t G = a.G;
+  for (int m = 0; m < MR; ++m) {
+    // The min term of the tile's TILE rows at once: sum_g mins[g][r] * xsum[g].
+    const float* xs = a.xsum.data() + (m0 + m) * G;
+    __m128 minterm = _mm_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) minterm = _mm_fmadd_ps(_mm_loadu_ps(mins + g * TILE), _mm_set1_ps(xs[g]), minterm);
+    alignas(16) float mt[TILE];
+    _mm_store_ps(mt, minterm);
+    for (int r = 0; r < RS; ++r) res[m * TILE + r0 + r] = hsum(acc[r][m]) + mt[r0 + r];
+  }
+}
+
+// Activation rows go in chunks of at most this many while one tile of weight rows stays in cache.
+constexpr int64_t M_CHUNK = 64;
+
+// Runs tile(t, m0, mleft, res) -> rows of x done, over every tile and row of x; stores N columns of out.
+template <typename Tile>
+void run_tiles(int64_t M, int64_t N, int nthreads, void* out, int odt, Tile tile) {
+  const int64_t tiles = (N + TILE - 1) / TILE;
+  for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
+    const int64_t mend = std::min(M, mc + M_CHUNK);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n0 = t * TILE;
+      const int64_t rows = std::min<int64_t>(TILE, N - n0);
+      float res[TILE * 4];
+      for (int64_t m0 = mc; m0 < mend;) {
+        const int64_t mr = tile(t, m0, mend - m0, res);
+        for (int64_t m = 0; m < mr; ++m)
+          for (int64_t r = 0; r < rows; ++r) scalar_store(out, (m0 + m) * N + n0 + r, odt, res[m * TILE + r]);
+        m0 += mr;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// A version number kernels.py checks, so that a stale cached build is never used.
+int dsvl2_qmatmul_abi() { return 2; }
+
+// The tile (TILE rows) kernels.py lays weights out for.
+int dsvl2_qmatmul_tile() { return TILE; }
+
+// out [M][N] = x [M][K] @ W.T; w: ceil(N / TILE) tiles of [Kp / 32][TILE][32] int8 (Kp = K rounded up to 32),
+// wscale [ceil(N / TILE) * TILE].
+int dsvl2_q8_matmul(const void* x, int dt, int64_t M, int64_t K, const int8_t* w, const float* wscale, int64_t N,
+                    void* out, int nthreads) {
+  const int64_t Kp = (K + 31) / 32 * 32;
+  const Activations& a = quantize(x, dt, M, K, Kp, 0, nthreads);
+  run_tiles(M, N, nthreads, out, dt, [&](int64_t t, int64_t m0, int64_t mleft, float* res) {
+    const int8_t* wt = w + t * TILE * Kp;
+    const float* st = wscale + t * TILE;
+    if (mleft >= 2) {
+      q8_tile<2>(wt, st, a, m0, res);
+      return int64_t(2);
+    }
+    q8_tile<1>(wt, st, a, m0, res);
+    return int64_t(1);
+  });
+  return 0;
+}
+
+// out [M][N] = x [M][K] @ W.T; w: ceil(N / TILE) tiles of [Kp / 64][TILE][32] bytes (Kp = K rounded up to 64;
+// see the top of this file for the nibbles), scales and mins: ceil(N / TILE) tiles of [K / group][TILE].
+int dsvl2_q4_matmul(const void* x, int dt, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+                    const float* mins, int64_t group, int64_t N, void* out, int nthreads) {
+  if (K % 32 || group % 32 || K % group) return 1;
+  const int64_t Kp = (K + 63) / 64 * 64, G = K / group;
+  const Activations& a = quantize(x, dt, M, K, Kp, group, nthreads);
+  run_tiles(M, N, nthreads, out, dt, [&](int64_t t, int64_t m0, int64_t mleft, float* res) {
+    const uint8_t* wt = w + t * TILE * (Kp / 2);
+    const float* st = scales + t * TILE * G;
+    const float* mt = mins + t * TILE * G;
+    if (mleft >= 2) {  // two passes of 2 x 2 (8 + 8 accumulators); the tile stays in L1 between them
+      q4_tile<2, 2>(wt, st, mt, group, a, m0, K, 0, res);
+      q4_tile<2, 2>(wt, st, mt, group, a, m0, K, 2, res);
+      return int64_t(2);
+    }
+    q4_tile<4, 1>(wt, st, mt, group, a, m0, K, 0, res);
+    return int64_t(1);
+  });
+  return 0;
+}
+
+}  // extern "C"
