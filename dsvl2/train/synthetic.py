@@ -29,8 +29,17 @@ same arguments give byte-identical JSONL and identical PNGs, the first k samples
 the val/test splits never share a random stream with train. The task of each sample comes from a
 shuffled weighted cycle of TASK_WEIGHTS, so every task appears in every run of sum(weights) samples.
 
+Conversations (`turns` above 1): every record about a shape scene (grounding, grounded_caption, counting,
+caption) gets follow-up questions about the same image, answered from its metadata, until it has the drawn number
+of turns; the first turn and the image are the one-turn record's, the follow-ups come from a random stream of their
+own, so a seed's one-turn records and images do not change. Such a record's `task`, `answers` and metric fields
+(`box`, `expression`, `query`, `boxes`, ...) are those of its last turn, what an evaluation scores;
+`turn_tasks` names the task of every turn, and `regions` names what the first question (the one before the image,
+which the image tokens can see) is about. The writer then also writes OUT/<split>_asked_first.jsonl: the last
+question of every conversation asked alone, as a one-turn record of the same image.
+
 Command line (wired as `dsvl2 data synth`): --out DIR --n N --seed S [--split train|val|test]
-[--tasks grounding,ocr,...].
+[--tasks grounding,ocr,...] [--turns N or MIN-MAX] [--follow-ups grounding,counting,...].
 """
 
 from __future__ import annotations
@@ -64,6 +73,9 @@ TASK_WEIGHTS: dict[str, int] = {
     "text": 1,
 }
 TASKS = tuple(TASK_WEIGHTS)
+SCENE_TASKS = ("grounding", "grounded_caption", "counting", "caption")  # records about a scene of shapes
+FOLLOW_UP_TASKS = SCENE_TASKS  # what a follow-up question may ask
+MAX_TURNS = 8
 
 SHAPE_KINDS = ("circle", "square", "triangle", "star", "diamond", "hexagon")
 # Saturated colours (some channel <= 60) never collide with the light backgrounds (every channel >= 180),
@@ -620,6 +632,153 @@ _MAKERS = {
 
 
 # --------------------------------------------------------------------------------------------------
+# Conversations: follow-up questions about the same scene
+# --------------------------------------------------------------------------------------------------
+
+# Each follow-up is (task, question, answer, metric fields of a one-turn record of that task).
+FollowUp = tuple[str, str, str, dict[str, Any]]
+
+
+def _unique_objects(objects: Sequence[dict]) -> list[tuple[int, list[str]]]:
+    """(index, referring expressions) of every object whose (colour, shape) pair occurs once in the scene."""
+    out = []
+    for index, obj in enumerate(objects):
+        if sum(o["color"] == obj["color"] and o["shape"] == obj["shape"] for o in objects) != 1:
+            continue
+        expressions = [f"the {obj['color']} {obj['shape']}"]
+        if sum(o["shape"] == obj["shape"] for o in objects) == 1:
+            expressions.append(f"the {obj['shape']}")
+        if sum(o["color"] == obj["color"] for o in objects) == 1:
+            expressions.append(f"the {obj['color']} shape")
+        out.append((index, expressions))
+    return out
+
+
+def _grounding_follow_ups(record: dict, rng: np.random.Generator) -> list[FollowUp]:
+    objects = record["objects"]
+    follow_ups = []
+    for index, expressions in _unique_objects(objects):
+        expression = expressions[int(rng.integers(len(expressions)))]
+        box = objects[index]["box"]
+        follow_ups.append(("grounding", f"<|ref|>{expression}<|/ref|>.", format_grounding(expression, [box]),
+                           {"expression": expression, "box": box, "target": index}))
+    return follow_ups
+
+
+def _counting_follow_ups(record: dict, rng: np.random.Generator) -> list[FollowUp]:
+    objects = record["objects"]
+    queries: list[tuple[str, dict[str, str]]] = [("How many shapes are there?", {})]
+    queries += [(f"How many {color} shapes are there?", {"color": color})
+                for color in sorted({o["color"] for o in objects})]
+    queries += [(f"How many {_plural(kind)} are there?", {"shape": kind})
+                for kind in sorted({o["shape"] for o in objects})]
+    absent = [color for color in SHAPE_COLORS if all(o["color"] != color for o in objects)]
+    if absent and rng.random() < 0.15:  # as in one-turn counting, "0" is sometimes the answer
+        color = absent[int(rng.integers(len(absent)))]
+        queries.append((f"How many {color} shapes are there?", {"color": color}))
+    follow_ups = []
+    for question, query in queries:
+        regions = [o["box"] for o in objects
+                   if o["color"] == query.get("color", o["color"]) and o["shape"] == query.get("shape", o["shape"])]
+        follow_ups.append(("counting", question, str(len(regions)), {"query": query, "regions": regions}))
+    return follow_ups
+
+
+def _caption_follow_ups(record: dict, rng: np.random.Generator) -> list[FollowUp]:
+    """A scene's caption: only for records that name their background (captions and grounded captions)."""
+    if "background" not in record:
+        return []
+    ordered = sorted(record["objects"], key=lambda o: (o["box_px"][0], o["box_px"][1]))
+    count_word = _NUMBER_WORDS[len(ordered)].capitalize()
+    noun = "shape" if len(ordered) == 1 else "shapes"
+    items = _join_phrases([_with_article(f"{o['color']} {o['shape']}") for o in ordered])
+    background = record["background"]
+    caption = f"{count_word} {noun} on {_with_article(background)} background, from left to right: {items}."
+    return [("caption", "Describe the image in one sentence.", caption, {"background": background})]
+
+
+def _grounded_caption_follow_ups(record: dict, rng: np.random.Generator) -> list[FollowUp]:
+    """A grounded caption: only for records that name their background."""
+    if "background" not in record:
+        return []
+    ordered = sorted(record["objects"], key=lambda o: (o["box_px"][0], o["box_px"][1]))
+    parts = [format_grounding(_with_article(f"{o['color']} {o['shape']}"), [o["box"]]) for o in ordered]
+    answer = f"The image shows {_join_phrases(parts)} on {_with_article(record['background'])} background."
+    return [("grounded_caption", "<|grounding|>Describe the image.", answer,
+             {"boxes": [o["box"] for o in ordered], "background": record["background"]})]
+
+
+_FOLLOW_UPS = {
+    "grounding": _grounding_follow_ups,
+    "counting": _counting_follow_ups,
+    "caption": _caption_follow_ups,
+    "grounded_caption": _grounded_caption_follow_ups,
+}
+# The metric fields of each scene task: replaced by the last turn's in a conversation.
+_TURN_FIELDS = ("expression", "box", "target", "query", "regions", "boxes")
+
+
+def _first_question_regions(record: dict) -> list[list[int]]:
+    """The boxes the record's own question is about: the box asked for, the shapes counted, every shape of a
+    description (what the token-relevance reader of the default recipe labels)."""
+    if record["task"] == "grounding":
+        return [record["box"]]
+    if record["task"] == "counting":
+        return record["regions"]
+    return [o["box"] for o in record["objects"]]
+
+
+def add_follow_ups(record: dict, turns: int, follow_up_tasks: Sequence[str], rng: np.random.Generator) -> dict:
+    """A scene record as a conversation of up to `turns` turns: each follow-up picks one of `follow_up_tasks`
+    that still has an unasked question about the scene, then one of its questions, at random. Records that are
+    not about a scene come back unchanged."""
+    if record.get("task") not in SCENE_TASKS or turns <= 1:
+        return record
+    asked = {record["messages"][0]["content"].removesuffix(f"\n{IMAGE_TAG}")}
+    boxed = {record["target"]} if "target" in record else set()  # a shape is asked for once, whatever the words
+    messages = list(record["messages"])
+    turn_tasks = [record["task"]]
+    last: FollowUp | None = None
+    for _ in range(turns - 1):
+        choices = {task: [f for f in _FOLLOW_UPS[task](record, rng) if f[1] not in asked
+                          and f[3].get("target") not in boxed] for task in follow_up_tasks}
+        choices = {task: follow_ups for task, follow_ups in choices.items() if follow_ups}
+        if not choices:
+            break
+        tasks = sorted(choices)
+        options = choices[tasks[int(rng.integers(len(tasks)))]]
+        last = options[int(rng.integers(len(options)))]
+        task, question, answer, _ = last
+        asked.add(question)
+        boxed.add(last[3].get("target"))
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        turn_tasks.append(task)
+    if last is None:
+        return record
+    task, _, answer, fields = last
+    out = {key: value for key, value in record.items() if key not in _TURN_FIELDS}
+    out.update(messages=messages, task=task, answers=[answer])
+    out.update({key: value for key, value in fields.items() if key != "regions"})
+    out.update(turn_tasks=turn_tasks, regions=_first_question_regions(record))
+    return out
+
+
+def asked_first(conversation: dict) -> dict:
+    """The last question of a conversation asked alone: the one-turn record of that question about the image."""
+    if "turn_tasks" not in conversation:
+        raise InputError("asked_first needs a conversation record (one with 'turn_tasks')")
+    question, answer = conversation["messages"][-2]["content"], conversation["messages"][-1]["content"]
+    out = {key: value for key, value in conversation.items() if key not in ("turn_tasks", "regions")}
+    out["messages"] = [{"role": "user", "content": f"{question}\n{IMAGE_TAG}"},
+                       {"role": "assistant", "content": answer}]
+    if out["task"] == "counting":
+        query = out["query"]
+        out["regions"] = [o["box"] for o in out["objects"] if o["color"] == query.get("color", o["color"])
+                          and o["shape"] == query.get("shape", o["shape"])]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
 
@@ -659,31 +818,68 @@ def _check_arguments(n: int, seed: int, split: str, tasks: Sequence[str] | None)
     return tuple(dict.fromkeys(chosen))
 
 
-def generate_records(n: int, seed: int, split: str = "train", tasks: Sequence[str] | None = None
+def _check_turns(turns: int | tuple[int, int], follow_ups: Sequence[str] | None
+                 ) -> tuple[tuple[int, int], tuple[str, ...]]:
+    low, high = (turns, turns) if isinstance(turns, int) else tuple(turns)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (low, high)) or not 1 <= low <= high <= MAX_TURNS:
+        raise InputError(f"turns must be a number of turns from 1 to {MAX_TURNS}, or a range MIN-MAX within it; "
+                         f"got {turns!r}")
+    chosen = FOLLOW_UP_TASKS if follow_ups is None else tuple(follow_ups)
+    unknown = [t for t in chosen if t not in FOLLOW_UP_TASKS]
+    if unknown or not chosen:
+        raise InputError(f"unknown or empty follow-up task list {list(chosen)!r}; follow-ups can ask: "
+                         f"{', '.join(FOLLOW_UP_TASKS)}")
+    return (low, high), tuple(dict.fromkeys(chosen))
+
+
+def _follow_up_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    # A stream apart from the sample's own (one more entry), so follow-ups leave the first turn and image as they are.
+    return np.random.default_rng(np.random.SeedSequence([seed, _split_key(split), index, 1]))
+
+
+def generate_records(n: int, seed: int, split: str = "train", tasks: Sequence[str] | None = None,
+                     turns: int | tuple[int, int] = 1, follow_ups: Sequence[str] | None = None
                      ) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
     """The n samples of (seed, split, tasks) in memory, each (record, image or None): the records
-    `generate_dataset` writes, before their image paths are set."""
+    `generate_dataset` writes, before their image paths are set. With `turns` above 1 (a number, or a
+    (min, max) range drawn per record), scene records become conversations whose follow-ups ask `follow_ups`."""
     chosen = _check_arguments(n, seed, split, tasks)
+    (low, high), follow_up_tasks = _check_turns(turns, follow_ups)
     for index, task in enumerate(_task_schedule(seed, split, chosen, n)):
-        yield _MAKERS[task](_sample_rng(seed, split, index), split)
+        record, image = _MAKERS[task](_sample_rng(seed, split, index), split)
+        if high > 1:
+            rng = _follow_up_rng(seed, split, index)
+            record = add_follow_ups(record, int(rng.integers(low, high + 1)), follow_up_tasks, rng)
+        yield record, image
 
 
 def generate_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train",
-                     tasks: Sequence[str] | None = None) -> dict[str, int]:
-    """Write n samples to out_dir/<split>.jsonl (+ out_dir/images/) and return the count per task."""
+                     tasks: Sequence[str] | None = None, turns: int | tuple[int, int] = 1,
+                     follow_ups: Sequence[str] | None = None) -> dict[str, int]:
+    """Write n samples to out_dir/<split>.jsonl (+ out_dir/images/) and return the count per task (of the
+    last turn). With conversations, out_dir/<split>_asked_first.jsonl gets each one's last question alone."""
     chosen = _check_arguments(n, seed, split, tasks)
+    _check_turns(turns, follow_ups)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = dict.fromkeys(chosen, 0)
-    with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as jsonl:
-        for index, (record, image) in enumerate(generate_records(n, seed, split, chosen)):
+    first_path = out / f"{split}_asked_first.jsonl"
+    conversations = 0
+    with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as jsonl, \
+            open(first_path, "w", encoding="utf-8", newline="\n") as first:
+        for index, (record, image) in enumerate(generate_records(n, seed, split, chosen, turns, follow_ups)):
             task = record["task"]
             if image is not None:
                 relative = f"images/{split}-{index:06d}.png"
                 image.save(out / relative, format="PNG", compress_level=6)
                 record["images"] = [relative]
             jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
-            counts[task] += 1
+            if "turn_tasks" in record:
+                first.write(json.dumps(asked_first(record), ensure_ascii=False) + "\n")
+                conversations += 1
+            counts[task] = counts.get(task, 0) + 1
+    if not conversations:
+        first_path.unlink()
     return counts
 
 
@@ -702,14 +898,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split name; each split has its own random streams")
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated subset of: {','.join(TASKS)} (default: all)")
+    parser.add_argument("--turns", default="1",
+                        help="turns per conversation about a shape scene: N, or MIN-MAX drawn per record (default 1)")
+    parser.add_argument("--follow-ups", default=None,
+                        help=f"what follow-up questions ask, comma-separated subset of: {','.join(FOLLOW_UP_TASKS)} "
+                             "(default: all)")
+
+
+def parse_turns(value: str) -> int | tuple[int, int]:
+    """`--turns`: "N" or "MIN-MAX"."""
+    parts = value.split("-")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() for part in parts):
+        raise InputError(f"--turns takes a number of turns or a range MIN-MAX, got {value!r}")
+    numbers = [int(part) for part in parts]
+    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset described by parsed arguments; print a summary; return an exit code."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    follow_ups = [t.strip() for t in args.follow_ups.split(",") if t.strip()] if args.follow_ups else None
     started = time.perf_counter()
     try:
-        counts = generate_dataset(args.out, args.n, args.seed, args.split, tasks)
+        counts = generate_dataset(args.out, args.n, args.seed, args.split, tasks, parse_turns(args.turns), follow_ups)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
