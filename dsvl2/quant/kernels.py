@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -128,14 +131,29 @@ class Prepared(nn.Module):
         self.group_size = group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"quantized linear expects {self.in_features} input features, got {x.shape[-1]}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        # Lean on purpose: a decode step runs a few hundred of these (per-call overhead, see the notes).
+        k = self.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"quantized linear expects {k} input features, got {x.shape[-1]}")
+        x2 = x if x.dim() == 2 else x.reshape(-1, k)
         if x2.shape[0] == 0:
-            return x.new_empty(*lead, self.out_features)
+            return x.new_empty(*x.shape[:-1], self.out_features)
         out = self._matmul(x2)
-        return out.to(x.dtype).reshape(*lead, self.out_features)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .half() / .cuda() convert buffers; the kernel's layout has fixed dtypes and a device of
+        its own, so only a same-device no-op is allowed (prepare again for another device)."""
+        for buffer in self._buffers.values():
+            if buffer is None:
+                continue
+            moved = fn(buffer)
+            if moved.device != buffer.device:
+                raise RuntimeError(f"a prepared quantized weight ({self.kernel}) cannot move from {buffer.device} "
+                                   f"to {moved.device}: prepare it for that device")
+        return self
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> [M, N] (any float dtype)
         raise NotImplementedError
@@ -256,7 +274,7 @@ ABI_VERSION = 2
 TILE = 4  # output rows per tile of the C++ kernels' weight layout (dsvl2_qmatmul_tile)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _extension_lock = threading.Lock()
-_extension: tuple[ctypes.CDLL | None, str] | None = None
+_extension: tuple[object | None, str] | None = None
 
 
 def cpu_flags() -> frozenset[str]:
@@ -291,18 +309,23 @@ def _cache_dir() -> Path:
     return Path(cache) / "torch_extensions" / "dsvl2_qmatmul"
 
 
-def _build(isa: list[str]) -> Path:
-    """The shared library for this source, compiler and flags: from the cache, or compiled into it."""
+def _build(isa: list[str]) -> tuple[Path, bool]:
+    """The shared library for this source, compiler and flags, from the cache or compiled into it, and whether
+    it is a CPython module (where Python's headers are there) rather than a plain library for ctypes."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     options = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", *isa]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *options]).encode()).hexdigest()[:16]
+    include = sysconfig.get_paths().get("include") or ""
+    python = bool(include) and (Path(include) / "Python.h").is_file()
+    if python:
+        options += ["-DDSVL2_PYTHON", f"-I{include}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, sys.version, *options]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"qmatmul-{key}.so"
     if target.is_file():
-        return target
+        return target, python
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / f".qmatmul-{key}-{os.getpid()}.so"
     done = subprocess.run([compiler, *options, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
@@ -312,21 +335,28 @@ def _build(isa: list[str]) -> Path:
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
         raise RuntimeError(f"compiling {SOURCE.name} failed: {first}")
     os.replace(partial, target)  # atomic: a concurrent build of the same key lands the same bytes
-    return target
+    return target, python
 
 
-def _bind(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+def _bind(path: Path, python: bool):
+    """The kernels' entry points: the CPython module's functions, or the plain library's through ctypes (same
+    arguments: integers, data pointers included)."""
+    if python:
+        spec = importlib.util.spec_from_file_location("dsvl2_qmatmul", path)
+        lib = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(lib)
+    else:
+        lib = ctypes.CDLL(str(path))
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.dsvl2_q8_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, i64, ptr, c_int]
+        lib.dsvl2_q4_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
+        lib.dsvl2_q8_matmul.restype = lib.dsvl2_q4_matmul.restype = c_int
     if lib.dsvl2_qmatmul_abi() != ABI_VERSION or lib.dsvl2_qmatmul_tile() != TILE:
         raise RuntimeError(f"{path.name} is a stale build")
-    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.dsvl2_q8_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, i64, ptr, c_int]
-    lib.dsvl2_q4_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
-    lib.dsvl2_q8_matmul.restype = lib.dsvl2_q4_matmul.restype = c_int
     return lib
 
 
-def _self_check(lib: ctypes.CDLL, isa_name: str) -> None:
+def _self_check(lib, isa_name: str) -> None:
     """Both kernels against dequantize-then-matmul on a small probe (they are built for CPUs that the tests
     may never have run on)."""
     g = torch.Generator().manual_seed(0)
@@ -343,7 +373,7 @@ def _self_check(lib: ctypes.CDLL, isa_name: str) -> None:
             raise RuntimeError(f"{module.kernel} gave wrong results on this CPU")
 
 
-def extension() -> tuple[ctypes.CDLL | None, str]:
+def extension() -> tuple[object | None, str]:
     """The loaded kernels (or None) and one line saying which, or why not (for --verbose)."""
     global _extension
     with _extension_lock:
@@ -353,14 +383,14 @@ def extension() -> tuple[ctypes.CDLL | None, str]:
         return _extension
 
 
-def _load_extension() -> tuple[ctypes.CDLL | None, str]:
+def _load_extension() -> tuple[object | None, str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"no C++ kernels for {platform.machine()} CPUs: PyTorch's stock int8/int4 kernels"
     isa = isa_options(cpu_flags())
     if isa is None:
         return None, "the CPU lacks AVX2/FMA/F16C: PyTorch's stock int8/int4 kernels"
     try:
-        lib = _bind(_build(isa[0]))
+        lib = _bind(*_build(isa[0]))
         _self_check(lib, isa[1])
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         return None, f"C++ kernels unavailable ({error}): PyTorch's stock int8/int4 kernels"
@@ -378,11 +408,13 @@ class _ExtensionMixin:
         return self._extension_matmul(x)
 
     def _extension_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in _DTYPE_CODES:
-            x = x.to(torch.float32)
-        x = x.contiguous()
-        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-        if self._call(x, out):
+        code = _DTYPE_CODES.get(x.dtype)
+        if code is None:
+            x, code = x.to(torch.float32), 0
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype)
+        if self._call(x, code, out):
             raise RuntimeError(f"{self.kernel}: the C++ kernel refused the shape {tuple(x.shape)}")
         return out
 
@@ -433,7 +465,7 @@ def from_group_tiles(tiled: torch.Tensor, n: int) -> torch.Tensor:
 class Int8Extension(_ExtensionMixin, Prepared):
     """int8 weight in the C++ kernel's tiled layout (to_int8_kernel_layout) through dsvl2_q8_matmul."""
 
-    def __init__(self, lib: ctypes.CDLL, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor, max_rows: int):
+    def __init__(self, lib, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor, max_rows: int):
         n, k = qweight.shape
         super().__init__(n, k, 8)
         self._lib, self.max_rows = lib, max_rows
@@ -445,8 +477,8 @@ class Int8Extension(_ExtensionMixin, Prepared):
         q = from_int8_kernel_layout(self.qweight, self.out_features, self.in_features)
         return dequantize_int8(q, self.scales[: self.out_features])
 
-    def _call(self, x: torch.Tensor, out: torch.Tensor) -> int:
-        return self._lib.dsvl2_q8_matmul(x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], self.in_features,
+    def _call(self, x: torch.Tensor, code: int, out: torch.Tensor) -> int:
+        return self._lib.dsvl2_q8_matmul(x.data_ptr(), code, x.shape[0], self.in_features,
                                          self.qweight.data_ptr(), self.scales.data_ptr(), self.out_features,
                                          out.data_ptr(), torch.get_num_threads())
 
@@ -454,7 +486,7 @@ class Int8Extension(_ExtensionMixin, Prepared):
 class Int4Extension(_ExtensionMixin, Prepared):
     """int4 weight in the C++ kernel's tiled layout (to_int4_kernel_layout) through dsvl2_q4_matmul."""
 
-    def __init__(self, lib: ctypes.CDLL, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor,
+    def __init__(self, lib, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor,
                  mins: torch.Tensor, group_size: int, max_rows: int):
         super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
         self._lib, self.max_rows = lib, max_rows
@@ -469,8 +501,8 @@ class Int4Extension(_ExtensionMixin, Prepared):
         return dequantize_int4_values(q, from_group_tiles(self.scales, n), from_group_tiles(self.mins, n),
                                       self.group_size)
 
-    def _call(self, x: torch.Tensor, out: torch.Tensor) -> int:
-        return self._lib.dsvl2_q4_matmul(x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[0], self.in_features,
+    def _call(self, x: torch.Tensor, code: int, out: torch.Tensor) -> int:
+        return self._lib.dsvl2_q4_matmul(x.data_ptr(), code, x.shape[0], self.in_features,
                                          self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
                                          self.group_size, self.out_features, out.data_ptr(), torch.get_num_threads())
 
