@@ -7,13 +7,20 @@ replaced by a QuantizedLinear, so the float model is never materialised; a quant
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from dsvl2.quant.linear import QuantizedLinear, quantize_weight
 from dsvl2.quant.scheme import QUANTIZED_DTYPES, QuantScheme, fit_group_size, quantized_shapes
+
+# Float weights read and quantized between two returns of freed heap memory to the system: glibc keeps the freed
+# blocks of the transient float copies between the small quantized tensors, so the heap would grow by all of them.
+TRIM_EVERY_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class QuantizingLoader:
         self.model, self.targets, self.prequantized = model, targets, prequantized
         self.dtype, self.device = dtype, device
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.since_trim = 0
 
     def expected_shapes(self) -> dict[str, list[int]]:
         """Every tensor name the checkpoint must hold, with its shape."""
@@ -85,6 +93,10 @@ class QuantizingLoader:
             return False
         if not self.prequantized:
             self._install(layer, target, quantize_weight(tensor, target.bits, target.group_size))
+            self.since_trim += tensor.numel() * tensor.element_size()
+            if self.since_trim >= TRIM_EVERY_BYTES:
+                release_free_memory()
+                self.since_trim = 0
             return True
         parts = self.pending.setdefault(layer, {})
         parts[leaf] = tensor
@@ -103,6 +115,24 @@ class QuantizingLoader:
     def finish(self) -> None:
         if self.pending:
             raise RuntimeError(f"quantized layers left incomplete: {', '.join(sorted(self.pending))}")
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the system (glibc's malloc_trim; nothing elsewhere)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -11,6 +11,7 @@ These are the tensors a quantized checkpoint stores (`<linear>.qweight`, `.scale
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,21 +195,23 @@ QUANTIZED_DTYPES = {"qweight": {8: torch.int8, 4: torch.uint8}, "scales": {8: to
                     "mins": {4: torch.float32}}
 
 
-def _row_blocks(weight: torch.Tensor) -> range:
-    return range(0, weight.shape[0], max(1, BLOCK_ELEMENTS // max(1, weight.shape[1])))
+def _float32_blocks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 copy of a block of rows) over `weight`, on the CPU; the copies are the caller's to
+    change in place."""
+    rows = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        yield start, weight[start:start + rows].detach().to(device="cpu", dtype=torch.float32, copy=True)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight int8 [N, K], scales float32 [N]) of a float weight [N, K], symmetric per output channel."""
     qweight = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[0], dtype=torch.float32)
-    rows = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
-    for start in _row_blocks(weight):
-        block = weight[start:start + rows].detach().to(device="cpu", dtype=torch.float32)
+    for start, block in _float32_blocks(weight):
         scale = block.abs().amax(dim=1) / 127
-        q = (block / scale.clamp_min(TINY)[:, None]).round_().clamp_(-127, 127)
-        qweight[start:start + rows] = q.to(torch.int8)
-        scales[start:start + rows] = scale
+        block.mul_((1 / scale.clamp_min(TINY))[:, None]).round_()  # within -127..127: no clamp needed
+        qweight[start:start + len(block)] = block
+        scales[start:start + len(block)] = scale
     return qweight, scales
 
 
@@ -221,14 +224,14 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     qweight = torch.empty(n, k // 2, dtype=torch.uint8)
     scales = torch.empty(n, k // group_size, dtype=torch.float32)
     mins = torch.empty_like(scales)
-    rows = max(1, BLOCK_ELEMENTS // k)
-    for start in _row_blocks(weight):
-        block = weight[start:start + rows].detach().to(device="cpu", dtype=torch.float32)
-        groups = block.view(block.shape[0], -1, group_size)
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    for start, block in _float32_blocks(weight):
+        rows = len(block)
+        groups = block.view(rows, -1, group_size)
+        low, high = torch.aminmax(groups, dim=-1)
         scale = (high - low) / 15
-        q = ((groups - low[..., None]) / scale.clamp_min(TINY)[..., None]).round_().clamp_(
-            0, 15).to(torch.uint8).view(block.shape[0], k)
-        qweight[start:start + rows] = pack_int4(q)
+        inverse = 1 / scale.clamp_min(TINY)
+        # (w - min) / scale + 0.5 in two passes; it lies in 0..15.5, so truncating to uint8 rounds it.
+        groups.mul_(inverse[..., None]).sub_((low * inverse - 0.5)[..., None])
+        qweight[start:start + rows] = pack_int4(block.to(torch.uint8))
         scales[start:start + rows], mins[start:start + rows] = scale, low
     return qweight, scales, mins
