@@ -89,12 +89,12 @@ def methods(n: int, k: int, group: int) -> dict[str, tuple[Callable[[torch.Tenso
         "fbgemm fp16": (lambda x: torch.ops.quantized.linear_dynamic_fp16(x.float(), packed), 2 * n * k),
     }
     lib, _ = kernels.extension()
-    unlimited = 1 << 30
+    unlimited = None
     if lib is not None:
         isa = kernels.isa_options(kernels.cpu_flags())[1]
         out["int8 extension"] = (kernels.Int8Extension(lib, isa, q8, s8, unlimited), int8_bytes)
     if k % 32 == 0:
-        out["int8 stock"] = (kernels.Int8Stock(q8, s8, unlimited, "int8-stock"), int8_bytes)
+        out["int8 stock"] = (kernels.Int8Stock(q8, s8, 1 << 30, "int8-stock"), int8_bytes)
     out["int8 dequantize"] = (kernels.Int8Dequantize(q8, s8), int8_bytes)
     if lib is not None:
         out["int4 extension"] = (kernels.Int4Extension(lib, isa, q4, s4, m4, group, unlimited), int4_bytes)

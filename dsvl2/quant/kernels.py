@@ -46,12 +46,11 @@ log = logging.getLogger(__name__)
 ENV_KERNEL = "DSVL2_QUANT_KERNEL"
 MODES = ("auto", "extension", "stock", "dequantize")
 GROUP_SIZES = (32, 64, 128)
-# PyTorch's stock CPU kernels read the weight once per row of x: up to this many rows they beat
-# dequantize-then-F.linear, above it the dense float32 matmul wins (benchmarks/NOTES_quant_kernels.md).
-STOCK_MAX_ROWS_CPU = 4
-# The C++ kernels read the weight once for up to 64 rows of x at a time; above this many rows dequantize-then-
-# F.linear wins (benchmarks/NOTES_quant_kernels.md).
-EXTENSION_MAX_ROWS_CPU = 64
+# Where each CPU path stops and dequantize-then-F.linear takes over (benchmarks/NOTES_quant_kernels.md):
+# PyTorch's stock int8 kernel reads the weight once per row of x, and loses to the dense float32 matmul from
+# between 32 and 256 rows; the C++ kernels won or tied at every row count measured (1 to 256), so they take all.
+STOCK_MAX_ROWS_CPU = 128
+EXTENSION_MAX_ROWS_CPU: int | None = None
 
 
 def kernel_mode() -> str:
@@ -270,7 +269,7 @@ class Int4StockCPU(Prepared):
 # The C++ extension (csrc/qmatmul.cpp): built once per machine with flags chosen from the CPU, loaded via ctypes
 
 SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
-ABI_VERSION = 2
+ABI_VERSION = 3
 TILE = 4  # output rows per tile of the C++ kernels' weight layout (dsvl2_qmatmul_tile)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _extension_lock = threading.Lock()
@@ -398,12 +397,12 @@ def _load_extension() -> tuple[object | None, str]:
 
 
 class _ExtensionMixin:
-    """forward through the C++ kernel up to `max_rows` rows of x, dequantize-then-matmul above."""
+    """forward through the C++ kernel up to `max_rows` rows of x (None: always), dequantize-then-matmul above."""
 
-    max_rows: int
+    max_rows: int | None
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > self.max_rows:
+        if self.max_rows is not None and x.shape[0] > self.max_rows:
             return self._dense(x)
         return self._extension_matmul(x)
 
@@ -417,6 +416,12 @@ class _ExtensionMixin:
         if self._call(x, code, out):
             raise RuntimeError(f"{self.kernel}: the C++ kernel refused the shape {tuple(x.shape)}")
         return out
+
+
+def _extension_name(bits: str, isa_name: str, max_rows: int | None) -> str:
+    if max_rows is None:
+        return f"{bits}-{isa_name}"
+    return f"{bits}-{isa_name}(rows<={max_rows}), dequantize-f32 above"
 
 
 def _pad_rows(t: torch.Tensor) -> torch.Tensor:
@@ -465,11 +470,11 @@ def from_group_tiles(tiled: torch.Tensor, n: int) -> torch.Tensor:
 class Int8Extension(_ExtensionMixin, Prepared):
     """int8 weight in the C++ kernel's tiled layout (to_int8_kernel_layout) through dsvl2_q8_matmul."""
 
-    def __init__(self, lib, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor, max_rows: int):
+    def __init__(self, lib, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor, max_rows: int | None):
         n, k = qweight.shape
         super().__init__(n, k, 8)
         self._lib, self.max_rows = lib, max_rows
-        self.kernel = f"int8-{isa_name}(rows<={max_rows}), dequantize-f32 above"
+        self.kernel = _extension_name("int8", isa_name, max_rows)
         self.register_buffer("qweight", to_int8_kernel_layout(qweight))
         self.register_buffer("scales", F.pad(scales.to(torch.float32), (0, -n % TILE)).contiguous())
 
@@ -487,10 +492,10 @@ class Int4Extension(_ExtensionMixin, Prepared):
     """int4 weight in the C++ kernel's tiled layout (to_int4_kernel_layout) through dsvl2_q4_matmul."""
 
     def __init__(self, lib, isa_name: str, qweight: torch.Tensor, scales: torch.Tensor,
-                 mins: torch.Tensor, group_size: int, max_rows: int):
+                 mins: torch.Tensor, group_size: int, max_rows: int | None):
         super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
         self._lib, self.max_rows = lib, max_rows
-        self.kernel = f"int4-{isa_name}(rows<={max_rows}), dequantize-f32 above"
+        self.kernel = _extension_name("int4", isa_name, max_rows)
         self.register_buffer("qweight", to_int4_kernel_layout(qweight))
         self.register_buffer("scales", to_group_tiles(scales))
         self.register_buffer("mins", to_group_tiles(mins))

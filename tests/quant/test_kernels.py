@@ -50,7 +50,7 @@ def half_step(x: torch.Tensor) -> torch.Tensor:
 def rounding(module, rows: int) -> str:
     """What a module rounds the activations to at this many rows: int8 blocks, bfloat16, or nothing."""
     if isinstance(module, kernels._ExtensionMixin):
-        return "int8" if rows <= module.max_rows else "none"
+        return "int8" if module.max_rows is None or rows <= module.max_rows else "none"
     if isinstance(module, kernels.Int8Stock):
         return "bf16" if rows <= module.max_rows else "none"
     return "bf16" if isinstance(module, kernels.Int4StockCPU) else "none"
