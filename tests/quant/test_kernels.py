@@ -14,9 +14,9 @@ from dsvl2.quant import kernels
 ROWS = (1, 3, 8, 64, 300)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MODES = ("auto", "extension", "stock", "dequantize")
-# (N, K): ordinary, N small, K not a multiple of 64 (int8 only), N not a multiple of 16.
+# (N, K): ordinary, N small, K not a multiple of 32 (int8) or of 64 (int4: 160), N not a multiple of 16.
 INT8_SHAPES = ((64, 256), (5, 96), (24, 100), (33, 544))
-INT4_SHAPES = ((64, 256), (5, 128), (40, 384), (48, 640))
+INT4_SHAPES = ((64, 256), (5, 128), (40, 384), (48, 640), (8, 160))
 
 
 def random_int8(n: int, k: int, seed: int = 0):

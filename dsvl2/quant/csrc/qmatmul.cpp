@@ -263,12 +263,16 @@ inline void q4_tile(const uint8_t* w, const float* scales, const float* mins, in
 constexpr int64_t M_CHUNK = 64;
 
 // Runs tile(t, m0, mleft, res) -> rows of x done, over every tile and row of x; stores N columns of out.
+// Products below this many multiply-adds run on the calling thread: waking the pool costs more than it saves.
+constexpr int64_t PARALLEL_WORK = 1 << 18;
+
 template <typename Tile>
-void run_tiles(int64_t M, int64_t N, int nthreads, void* out, int odt, Tile tile) {
+void run_tiles(int64_t M, int64_t N, int64_t K, int nthreads, void* out, int odt, Tile tile) {
   const int64_t tiles = (N + TILE - 1) / TILE;
+  const bool parallel = M * N * K >= PARALLEL_WORK;
   for (int64_t mc = 0; mc < M; mc += M_CHUNK) {
     const int64_t mend = std::min(M, mc + M_CHUNK);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (parallel)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * TILE;
       const int64_t rows = std::min<int64_t>(TILE, N - n0);
@@ -299,7 +303,7 @@ int dsvl2_q8_matmul(const void* x, int dt, int64_t M, int64_t K, const int8_t* w
                     void* out, int nthreads) {
   const int64_t Kp = (K + 31) / 32 * 32;
   const Activations& a = quantize(x, dt, M, K, Kp, 0, nthreads);
-  run_tiles(M, N, nthreads, out, dt, [&](int64_t t, int64_t m0, int64_t mleft, float* res) {
+  run_tiles(M, N, K, nthreads, out, dt, [&](int64_t t, int64_t m0, int64_t mleft, float* res) {
     const int8_t* wt = w + t * TILE * Kp;
     const float* st = wscale + t * TILE;
     if (mleft >= 2) {
@@ -319,7 +323,7 @@ int dsvl2_q4_matmul(const void* x, int dt, int64_t M, int64_t K, const uint8_t* 
   if (K % 32 || group % 32 || K % group) return 1;
   const int64_t Kp = (K + 63) / 64 * 64, G = K / group;
   const Activations& a = quantize(x, dt, M, K, Kp, group, nthreads);
-  run_tiles(M, N, nthreads, out, dt, [&](int64_t t, int64_t m0, int64_t mleft, float* res) {
+  run_tiles(M, N, K, nthreads, out, dt, [&](int64_t t, int64_t m0, int64_t mleft, float* res) {
     const uint8_t* wt = w + t * TILE * (Kp / 2);
     const float* st = scales + t * TILE * G;
     const float* mt = mins + t * TILE * G;
