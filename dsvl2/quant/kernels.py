@@ -10,11 +10,12 @@ The canonical quantized tensors (what dsvl2.quant's scheme writes and checkpoint
 `prepare_int8` and `prepare_int4` convert them once into the layout of the kernel that will run them
 and return a `Prepared` module: `forward(x)` for x [..., K] in float32, bfloat16 or float16 returns
 [..., N] in x's dtype, `dequantize()` gives the float32 [N, K] weight exactly, and `kernel` names the
-kernel. Which kernel runs is decided in one place, `_choose_cpu` / `_choose_cuda`; the environment
-variable DSVL2_QUANT_KERNEL forces a path:
+kernel. Which kernel runs is decided in one place, the `_choose_*` functions (with the row limits
+STOCK_MAX_ROWS_CPU and EXTENSION_MAX_ROWS_CPU); the environment variable DSVL2_QUANT_KERNEL forces a path:
 
 - `auto` (default): the fastest measured path for the device (see benchmarks/NOTES_quant_kernels.md).
-- `extension`: the AVX2 C++ kernels in csrc/qmatmul.cpp (built at first use; `stock` when they cannot be).
+- `extension`: the AVX2 C++ kernels in csrc/qmatmul.cpp (built at first use and cached; `stock` when they
+  cannot be built, with the reason in `extension()[1]` and in this module's log at INFO level).
 - `stock`: PyTorch's own weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`).
 - `dequantize`: dequantize the weight at each call and run F.linear (works for every device and shape).
 
