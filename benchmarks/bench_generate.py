@@ -359,17 +359,27 @@ def machine_record(load_before: tuple) -> dict[str, Any]:
             "loadavg_before": load_before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
 
 
-def comparison_plans() -> dict[str, KernelPlan]:
-    """Every path the automatic choice takes on some CPU, and the all-native path (PyTorch's own kernels);
-    the one this machine chooses is marked "(auto)"."""
+# --paths names for the comparison's plans.
+COMPARED = {"float32": "float32 vision+prefill, packed decode",
+            "native-compute": "native vision+prefill, packed decode", "native": "native everywhere"}
+
+
+def comparison_plans(only: str | None = None) -> dict[str, KernelPlan]:
+    """Every path the automatic choice takes on some CPU, and the all-native path (PyTorch's own kernels), or
+    those `only` names (--paths); the one this machine chooses is marked "(auto)"."""
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     without_bf16 = choose_kernels({"avx2"}, cpu, bf16)
-    plans = {"float32 vision+prefill, packed decode": without_bf16,
-             "native vision+prefill, packed decode": choose_kernels({"avx512_bf16"}, cpu, bf16),
-             "native everywhere": override(without_bf16, "native")}
+    plans = {COMPARED["float32"]: without_bf16,
+             COMPARED["native-compute"]: choose_kernels({"avx512_bf16"}, cpu, bf16),
+             COMPARED["native"]: override(without_bf16, "native")}
+    if only:
+        unknown = set(only.split(",")) - set(COMPARED)
+        if unknown:
+            raise SystemExit(f"--paths: unknown {', '.join(sorted(unknown))} (known: {', '.join(COMPARED)})")
+        plans = {COMPARED[key]: plans[COMPARED[key]] for key in only.split(",")}
     auto = resolve_kernels("auto", cpu, bf16)
     named = {f"{name} (auto)" if parts_of(plan) == parts_of(auto) else name: plan for name, plan in plans.items()}
-    return named if any(name.endswith("(auto)") for name in named) else {"auto": auto, **named}
+    return named if only or any(name.endswith("(auto)") for name in named) else {"auto": auto, **named}
 
 
 def parts_of(plan: KernelPlan) -> dict[str, str]:
@@ -413,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="auto", help="kernel paths, as dsvl2's --kernels (default: auto)")
     parser.add_argument("--compare-paths", action="store_true",
                         help="run every kernel path in this process (one fresh model each) instead of --kernels")
+    parser.add_argument("--paths", default=None, help=f"with --compare-paths: only these ({','.join(COMPARED)})")
     parser.add_argument("--repeats", type=int, default=1, help="run the paths this many times, alternating")
     parser.add_argument("--language-layers", type=int, default=None, help="fewer decoder layers (quick comparisons)")
     parser.add_argument("--vision-layers", type=int, default=None, help="fewer vision blocks (quick comparisons)")
@@ -426,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         return load_memory(args)
     steps = args.decode_steps or (8 if args.quick else 24)
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    plans = comparison_plans() if args.compare_paths else {args.kernels: resolve_kernels(args.kernels, cpu, bf16)}
+    if args.compare_paths:
+        plans = comparison_plans(args.paths)
+    else:
+        plans = {args.kernels: resolve_kernels(args.kernels, cpu, bf16)}
 
     load_before = os.getloadavg()
     probe = BandwidthProbe()
@@ -438,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "automatic_kernels": resolve_kernels("auto", cpu, bf16).as_dict(),
         "read_bandwidth_gb_s": bandwidth / 1e9,  # best of 5 at the start; each decode row has its own
         "targets": TARGETS,
-        "settings": {"quick": args.quick, "decode_steps": steps, "compare_paths": args.compare_paths},
+        "settings": {"quick": args.quick, "decode_steps": steps, "compare_paths": args.compare_paths,
+                     "repeats": args.repeats},
         "paths": {},
     }
     for repeat in range(args.repeats):

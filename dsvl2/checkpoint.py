@@ -11,10 +11,12 @@ are installed quantized as their tensors arrive (dsvl2.quant.load): memory peaks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors.torch import save_file
@@ -122,8 +124,22 @@ def check_names_and_shapes(expected: dict[str, list[int]], found: dict[str, list
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> DeepseekVL2:
-    with torch.device(device):
+    skip = torch.device(device).type == "meta"
+    with torch.device(device), (_skipped_init() if skip else contextlib.nullcontext()):
         return DeepseekVL2(cfg)
+
+
+@contextlib.contextmanager
+def _skipped_init() -> Iterator[None]:
+    """torch.nn.init's functions as no-ops: meta tensors hold no values, and a meta normal_ would import
+    torch._dynamo, whose modules then stay resident for the process's life."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    with mock.patch.multiple(nn.init, **{name: _unchanged for name in names}):
+        yield
+
+
+def _unchanged(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

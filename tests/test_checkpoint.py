@@ -160,3 +160,18 @@ def test_peak_memory_while_loading_stays_under_1_3x_file_size(tmp_path: Path, co
                          capture_output=True, text=True, check=True)
     before, peak = map(int, out.stdout.split())
     assert peak - before < 1.3 * size_kb, f"loading grew RSS by {(peak - before) / size_kb:.2f}x the file size"
+
+
+
+def test_building_on_the_meta_device_leaves_torch_dynamo_unimported() -> None:
+    # A meta normal_ imports torch._dynamo, whose modules then stay resident: loading must not pay for them.
+    code = textwrap.dedent("""
+        import sys
+        from dsvl2.checkpoint import build_model
+        from dsvl2.config import ModelConfig
+        model = build_model(ModelConfig())
+        assert model.language.lm_head.weight.is_meta and model.vision.pos_embed.is_meta
+        print("torch._dynamo" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"

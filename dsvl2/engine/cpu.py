@@ -9,9 +9,10 @@ Two remedies, both computing in float32 while the weights stay 16-bit in memory:
   (weights converted once, float32 activations and accumulation). bfloat16 -> float16 is exact
   for every weight between 6e-5 and 65504 in magnitude, so this is the bfloat16 model computed
   in float32. Used for decoding and prefill.
-- `Float32Compute`: a torch-function mode that runs linear layers, convolutions and attention
-  on 16-bit inputs in float32, upcasting each weight as it is used; for compute-bound work on
-  layers that were not packed (the vision tower).
+- `Float32Compute`: a torch-function mode that runs linear layers, convolutions, layer norms and
+  attention in float32, upcasting each 16-bit weight as it is used; for compute-bound work on
+  layers that were not packed: prefill's attention, and the vision tower (whose weights stay 16-bit,
+  so memory stays near the checkpoint's size, while its activations are float32 throughout).
 """
 
 from __future__ import annotations
@@ -30,30 +31,37 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class Float32Compute(TorchFunctionMode):
-    """Within this mode, F.linear, F.conv2d and attention on 16-bit inputs compute in float32 and
-    cast the result back, so the model sees the dtype it expects."""
+    """Within this mode, F.linear, F.conv2d, F.layer_norm and attention with a 16-bit argument compute in
+    float32. `keep_float32` False: the result is cast back to the input's dtype, so the model sees the dtype
+    it expects; True: a 16-bit input's result stays float32, so every later layer computes on float32
+    activations as a float32 copy of the model would (at the cost of one weight upcast per call)."""
 
-    UPCAST = frozenset({F.linear, F.conv2d, F.scaled_dot_product_attention})
+    UPCAST = frozenset({F.linear, F.conv2d, F.layer_norm, F.scaled_dot_product_attention})
+
+    def __init__(self, keep_float32: bool = False) -> None:
+        super().__init__()
+        self.keep_float32 = keep_float32
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in self.UPCAST and args and getattr(args[0], "dtype", None) in HALF_DTYPES:
-            dtype = args[0].dtype
-            args = tuple(_upcast(a) for a in args)
-            kwargs = {k: _upcast(v) for k, v in kwargs.items()}
-            return func(*args, **kwargs).to(dtype)
+        if func in self.UPCAST and any(_is_half(a) for a in (*args, *kwargs.values())):
+            dtype = getattr(args[0], "dtype", None)
+            out = func(*(_upcast(a) for a in args), **{k: _upcast(v) for k, v in kwargs.items()})
+            return out if self.keep_float32 or dtype not in HALF_DTYPES else out.to(dtype)
         return func(*args, **kwargs)
 
 
+def _is_half(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES
+
+
 def _upcast(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES:
-        return value.float()
-    return value
+    return value.float() if _is_half(value) else value
 
 
-def float32_compute(enabled: bool) -> Any:
+def float32_compute(enabled: bool, keep_float32: bool = False) -> Any:
     """A context running 16-bit matrix work in float32 when `enabled` (see Float32Compute)."""
-    return Float32Compute() if enabled else nullcontext()
+    return Float32Compute(keep_float32) if enabled else nullcontext()
 
 
 def fbgemm_fp16_available() -> bool:
@@ -120,8 +128,12 @@ class PackedFp16MLP(nn.Module):
         self.hidden = mlp.gate_proj.in_features
         self.intermediate = mlp.gate_proj.out_features
         self.out_dtype = mlp.gate_proj.weight.dtype
-        gate_up = torch.cat([mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float()])
+        # One float32 copy at a time (gate and up written into it, no concatenation of two more copies).
+        gate_up = torch.empty(2 * self.intermediate, self.hidden)
+        gate_up[:self.intermediate].copy_(mlp.gate_proj.weight.detach())
+        gate_up[self.intermediate:].copy_(mlp.up_proj.weight.detach())
         self.gate_up = torch.ops.quantized.linear_prepack_fp16(gate_up, None)
+        del gate_up
         self.down = torch.ops.quantized.linear_prepack_fp16(mlp.down_proj.weight.detach().float(), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

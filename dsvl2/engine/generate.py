@@ -193,8 +193,8 @@ class Engine:
         """`vision_tiles_per_step`: image tiles encoded per step (default 2 on CPU, 32 on GPU).
         `kernels`: the path each part runs (dsvl2.engine.kernels): None or "auto" chooses by the CPU's
         capabilities, a --kernels value ("native", "prefill=float32,decode=native") changes that choice,
-        a KernelPlan is used as it is. Applied once, in place: a float32 vision path converts the vision
-        tower and projector to float32, a float16-packed path packs the language model's linear layers.
+        a KernelPlan is used as it is. Applied once, in place: a float16-packed path packs the language
+        model's linear layers (a float32 vision path keeps the vision weights 16-bit and upcasts them as used).
         `default_adapter`: the loaded adapter a request without one runs (None: the base model)."""
         self._model = model.eval()
         self._processor = processor
@@ -224,9 +224,6 @@ class Engine:
 
     def _apply_kernels(self, plan: KernelPlan) -> int:
         """Convert the model in place for `plan`; returns the number of language modules packed."""
-        if plan.vision == FLOAT32:  # once, so no image pays a weight upcast
-            self._model.vision.float()
-            self._model.projector.float()
         language = self._model.language
         packed = pack_language(language, decoder=plan.decode_small == PACKED, lm_head=plan.lm_head == PACKED)
         set_native_rows(language, NATIVE_PREFILL_ROWS if plan.prefill == NATIVE else None)
@@ -488,7 +485,9 @@ class Engine:
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """Normalised tiles [N, 3, S, S] -> projected tile embeddings [N, s*s, D] (one vision call)."""
         self.stats["vision_calls"] += 1
-        return self._model.encode_tiles(tiles.to(self.device)).to(self.dtype)
+        # The vision weights stay 16-bit (memory near the checkpoint's size); a float32 path upcasts each as it runs.
+        with float32_compute(self.kernels.vision == FLOAT32, keep_float32=True):
+            return self._model.encode_tiles(tiles.to(self.device)).to(self.dtype)
 
     # -- compile --------------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ Three paths, each a way to multiply the model's matrices:
 
 - `native`: the weights' own dtype. For bfloat16 on a CPU with avx512_bf16 or AMX this is PyTorch's
   oneDNN bfloat16 matmul; for float32 models and GPUs it is the only path.
-- `float32`: 16-bit weights, float32 arithmetic (the vision tower converted once; prefill's attention
-  and unpacked layers upcast as they run, see dsvl2.engine.cpu.Float32Compute).
+- `float32`: 16-bit weights, float32 arithmetic: each weight upcast as it is used (the vision tower's
+  activations stay float32 throughout; prefill's attention and unpacked layers cast back), see
+  dsvl2.engine.cpu.Float32Compute.
 - `float16-packed`: the language model's linear layers packed for FBGEMM (float16 weights, float32
   arithmetic), see dsvl2.engine.cpu.pack_linear_layers.
 

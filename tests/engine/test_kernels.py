@@ -5,6 +5,7 @@ default's greedy tokens (and logits within the bfloat16 tolerance) on the confor
 from __future__ import annotations
 
 import argparse
+import copy
 from functools import cache
 
 import pytest
@@ -59,6 +60,25 @@ def test_bfloat16_plan_for_each_cpu(flags: frozenset[str], expected: tuple[str, 
     plan = choose_kernels(flags, CPU, BF16)
     assert parts(plan) == expected and plan.reason
     assert keeps_half_weights(flags, fbgemm_fp16=True)
+
+
+CAPABILITY_SETS = {"avx2": AVX2, "avx512": AVX512, "avx512_bf16": AVX512_BF16, "amx": AMX, "none": frozenset()}
+
+
+@pytest.mark.parametrize("fbgemm", [True, False], ids=["fbgemm", "no_fbgemm"])
+@pytest.mark.parametrize("name", list(CAPABILITY_SETS))
+def test_every_capability_set_with_and_without_fbgemm_and_on_cuda(name: str, fbgemm: bool) -> None:
+    flags = CAPABILITY_SETS[name]
+    native_bf16 = name in ("avx512_bf16", "amx")
+    compute = NATIVE if native_bf16 else FLOAT32
+    decode = PACKED if fbgemm else NATIVE
+    assert parts(choose_kernels(flags, CPU, BF16, fbgemm)) == (compute, compute, decode, decode, decode)
+    # float16 is never native on a CPU; a GPU and a float32 model always run PyTorch's own kernels.
+    assert parts(choose_kernels(flags, CPU, torch.float16, fbgemm)) == (FLOAT32, FLOAT32, decode, decode, decode)
+    for device, dtype in ((torch.device("cuda"), BF16), (torch.device("cuda"), torch.float32), (CPU, torch.float32)):
+        plan = choose_kernels(flags, device, dtype, fbgemm)
+        assert set(parts(plan)) == {NATIVE} and not plan.packs_language
+    assert keeps_half_weights(flags, fbgemm) == (fbgemm or native_bf16)
 
 
 def test_without_fbgemm_decode_is_native_and_only_native_bf16_keeps_16_bit_weights() -> None:
@@ -139,8 +159,7 @@ def engine_for(plan_name: str) -> Engine:
 def test_every_path_gives_the_default_greedy_tokens_and_bf16_logits(plan_name: str) -> None:
     engine = engine_for(plan_name)
     plan = engine.kernels
-    vision_dtype = engine.model.vision.pos_embed.dtype
-    assert vision_dtype == (torch.float32 if plan.vision == FLOAT32 else BF16)
+    assert {p.dtype for p in engine.model.vision.parameters()} == {BF16}  # a float32 path upcasts as it runs
     packed = [m for m in engine.model.language.modules() if isinstance(m, (PackedFp16Linear, PackedFp16MLP))]
     assert bool(packed) == plan.packs_language
     assert all(m.native_rows == (64 if plan.prefill == NATIVE else None) for m in packed)
@@ -152,6 +171,23 @@ def test_every_path_gives_the_default_greedy_tokens_and_bf16_logits(plan_name: s
     assert max_diff(logits[-4:], ref["one_square.logits_last4"]) <= BF16_TOLERANCE["last4"]
     lse = (logits.logsumexp(-1) - ref["one_square.logits_logsumexp"]).abs().max().item()
     assert lse <= BF16_TOLERANCE["logsumexp"]
+
+
+@pytestmark_fixtures
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("plan_name", ["avx2_auto", "avx512_bf16_auto"])
+def test_a_float32_vision_path_keeps_16_bit_weights_and_computes_as_a_float32_copy(plan_name: str) -> None:
+    engine = engine_for(plan_name)
+    model, cfg = engine.model, engine.model.cfg.vision
+    torch.manual_seed(0)
+    tiles = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.inference_mode():
+        out = engine.encode_tiles(tiles)
+        vision, projector = copy.deepcopy(model.vision).float(), copy.deepcopy(model.projector).float()
+        float32_copy = projector(vision(tiles.to(BF16).float()))
+    assert out.dtype == BF16 and {p.dtype for p in model.vision.parameters()} == {BF16}
+    # Float32 activations throughout on the float32 path (the same result, bit for bit); bfloat16 ones on the native.
+    assert torch.equal(out, float32_copy.to(BF16)) == (engine.kernels.vision == FLOAT32)
 
 
 class LinearCalls(TorchFunctionMode):
