@@ -18,9 +18,9 @@ from torch import nn
 from dsvl2.quant.linear import QuantizedLinear, quantize_weight
 from dsvl2.quant.scheme import QUANTIZED_DTYPES, QuantScheme, fit_group_size, quantized_shapes
 
-# Float weights read and quantized between two returns of freed heap memory to the system: glibc keeps the freed
-# blocks of the transient float copies between the small quantized tensors, so the heap would grow by all of them.
-TRIM_EVERY_BYTES = 256 * 2**20
+# Bytes read between two returns of freed heap memory to the system: glibc keeps the freed blocks of the transient
+# copies (float weights, the kernels' conversions) between the quantized tensors, so the heap would grow by all.
+TRIM_EVERY_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -91,17 +91,17 @@ class QuantizingLoader:
         target = self.targets.get(layer)
         if target is None or leaf == "bias":
             return False
+        self.since_trim += tensor.numel() * tensor.element_size()
         if not self.prequantized:
             self._install(layer, target, quantize_weight(tensor, target.bits, target.group_size))
-            self.since_trim += tensor.numel() * tensor.element_size()
-            if self.since_trim >= TRIM_EVERY_BYTES:
-                release_free_memory()
-                self.since_trim = 0
-            return True
-        parts = self.pending.setdefault(layer, {})
-        parts[leaf] = tensor
-        if len(parts) == len(target.shapes()):
-            self._install(layer, target, self.pending.pop(layer))
+        else:
+            parts = self.pending.setdefault(layer, {})
+            parts[leaf] = tensor
+            if len(parts) == len(target.shapes()):
+                self._install(layer, target, self.pending.pop(layer))
+        if self.since_trim >= TRIM_EVERY_BYTES:
+            release_free_memory()
+            self.since_trim = 0
         return True
 
     def _install(self, layer: str, target: Target, tensors: dict[str, torch.Tensor]) -> None:
