@@ -26,7 +26,8 @@ GROUP = "adapter"  # the optimiser's parameter group (optimizer.module_lr.adapte
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _base_model(recipe: TrainRecipe) -> tuple[DeepseekVL2, dict]:
+def base_model(recipe: TrainRecipe) -> tuple[DeepseekVL2, dict]:
+    """The frozen base of an adapter run and its config.json dict, read from `model.checkpoint`."""
     adapter: AdapterSection = recipe.adapter
     kwargs = {}
     if adapter.quantize != "none":
@@ -49,7 +50,7 @@ def adapter_model(recipe: TrainRecipe, resume_from: Path | None) -> tuple[Deepse
     """The base with the recipe's adapter (fresh, or the one saved in `resume_from`) selected, everything
     but the adapter frozen; returns (model, the base's config.json dict, the optimiser's groups)."""
     adapter: AdapterSection = recipe.adapter
-    model, raw = _base_model(recipe)
+    model, raw = base_model(recipe)
     try:
         if resume_from is None:
             apply_lora(model, adapter.settings(), ADAPTER_NAME, dtype=DTYPES[adapter.dtype])

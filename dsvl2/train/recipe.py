@@ -142,7 +142,7 @@ class AdapterSection:
     target_modules: str | tuple[str, ...] = ATTENTION  # a list of names, or one regular expression (peft's rule)
     use_rslora: bool = False
     dtype: str = "float32"  # the adapter's weights
-    base_dtype: str = "float32"  # the frozen base's weights; bfloat16 needs training.dtype bfloat16
+    base_dtype: str = "float32"  # the frozen base's unquantized weights; bfloat16 needs training.dtype bfloat16
     quantize: str = "none"  # the frozen base's weight-only quantization (QLoRA): none | int8 | int4
     group_size: int | None = None  # quantization group size (default: dsvl2.quant's)
 
@@ -390,9 +390,9 @@ def _check_adapter(recipe: TrainRecipe) -> None:
             raise RecipeError(f"{key} is {value!r}; expected one of {', '.join(DTYPES)}")
     if adapter.quantize not in QUANTIZE:
         raise RecipeError(f"adapter.quantize is {adapter.quantize!r}; expected one of {', '.join(QUANTIZE)}")
-    if (adapter.base_dtype == "bfloat16" or adapter.quantize != "none") and recipe.training.dtype != "bfloat16":
-        raise RecipeError("adapter.base_dtype bfloat16 and adapter.quantize need training.dtype bfloat16 "
-                          "(autocast computes the frozen 16-bit base and the adapter together)")
+    if adapter.base_dtype == "bfloat16" and recipe.training.dtype != "bfloat16":
+        raise RecipeError("adapter.base_dtype bfloat16 needs training.dtype bfloat16 (autocast computes the frozen "
+                          "16-bit base and the adapter together); a quantized base computes in either")
     if recipe.training.strategy == "fsdp":
         raise RecipeError("training.strategy fsdp does not take an adapter: use ddp (the frozen base is "
                           "replicated, only the adapter's gradients are reduced)")

@@ -128,7 +128,7 @@ def test_adapter_recipe_errors_name_the_key(conf_dir: Path, grounding_dir: Path,
         parse(r=0)
     with pytest.raises(RecipeError, match="adapter.quantize is 'int3'"):
         parse(quantize="int3")
-    with pytest.raises(RecipeError, match="need training.dtype bfloat16"):
+    with pytest.raises(RecipeError, match="needs training.dtype bfloat16"):
         parse(base_dtype="bfloat16")
     raw = _raw(conf_dir, grounding_dir, "out", training={"strategy": "fsdp"})
     with pytest.raises(RecipeError, match="fsdp does not take an adapter"):
