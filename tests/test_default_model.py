@@ -225,6 +225,26 @@ def test_recipe_stages_chain_from_vision_to_sft():
     assert [[p.use for p in s.extensions] for s in stages[3:]] == [losses, losses]
 
 
+def test_recipe_pretraining_and_sft_hold_follow_up_conversations():
+    """Follow-up questions (issue 44): the language-model stages after the warm-up draw a share of their
+    samples from conversations of 2-3 turns about one scene, which the script generates."""
+    from dsvl2.train.recipe import load_recipe
+
+    chat = (REPO / "runs" / "default" / "data_chat" / "train.jsonl").resolve()
+    for name in ("pretrain", "sft"):
+        sources = {s.name: s for s in load_recipe(RECIPE / f"{name}.yaml").data.sources}
+        assert [Path(p).resolve() for p in sources["chat"].paths] == [chat], name
+        assert 0.1 <= sources["chat"].weight / sum(s.weight for s in sources.values()) <= 0.3, name
+    settings = dict(re.findall(r"^([A-Z_]+)=(\S+)", (RECIPE / "data.env").read_text(), re.MULTILINE))
+    assert settings["CHAT_TURNS"] == "2-3" and int(settings["N_TRAIN_CHAT"]) > 0
+    assert set(settings["CHAT_TASKS"].split(",")) == {"grounding", "counting", "caption", "grounded_caption"}
+    script = (REPO / "scripts" / "train_default_model.sh").read_text()
+    assert '--out "$RUN/data_chat"' in script and '--turns "$CHAT_TURNS"' in script
+    # the installed report is the held-out seed no recipe choice was made on
+    assert settings["REPORT_SEED"] != settings["EVAL_SEED"]
+    assert 'cp "$RUN/eval_report_test.json" "$ASSETS/eval_report.json"' in script
+
+
 def test_vision_probe_reads_the_stage_heads_slots_and_bins():
     probe = _load_recipe_script("vision_probe")
     from default_recipe.vision_labels import BOX_BINS, scene_labels
