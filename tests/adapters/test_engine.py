@@ -97,3 +97,21 @@ def test_serve_picks_the_adapter_by_the_model_field(conf_dir: Path, adapter_dirs
         with pytest.raises(openai.NotFoundError, match="this server serves 'base', 'a', 'b'"):
             client.chat.completions.create(model="c", messages=messages, max_tokens=2)
     runner.stop()
+
+
+def test_generate_command_takes_one_adapter(conf_dir: Path, adapter_dirs: dict[str, Path], capsys) -> None:
+    import json
+
+    from dsvl2.cli import main
+
+    engine = Engine.from_pretrained(conf_dir / "small_like", dtype="float32", device="cpu",
+                                    adapters={"b": adapter_dirs["b"]}, default_adapter="b", check_memory=False)
+    expected = engine.generate(_request(None)).token_ids
+    common = ["generate", "--model", str(conf_dir / "small_like"), "--dtype", "float32", "--device", "cpu",
+              "--max-new-tokens", "8", "--json"]
+    assert main([*common, "--adapter", str(adapter_dirs["b"]), "Tell me a story about a cat."]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected
+    assert main([*common, "--adapter", str(adapter_dirs["a"]), "--adapter", str(adapter_dirs["b"]), "Hi"]) == 2
+    assert "--adapter is given 2 times; this command runs one" in capsys.readouterr().err
+    assert main([*common, "--adapter", str(conf_dir / "tiny_like"), "Hi"]) == 2
+    assert "is not an adapter directory (no adapter_config.json)" in capsys.readouterr().err
