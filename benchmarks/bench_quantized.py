@@ -382,8 +382,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         quantized = [m for m in model.modules() if type(m).__name__ == "QuantizedLinear"]
         record["quantized_linears"] = len(quantized)
         record["quantized_kernels"] = sorted({str(m.kernel) for m in quantized})
-        probe = bg.BandwidthProbe(spec.get("probe_mb", 512))
-        record["read_bandwidth_gb_s"] = probe.best_of() / 1e9
         with torch.inference_mode():
             trace.label = "answer"
             answer = engine.generate(Request([{"role": "user", "content": "Describe the sea in one sentence."}], [],
@@ -394,12 +392,22 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             if not spec.get("skip_ttft"):
                 trace.label = "ttft"
                 record["ttft"] = bg.measure_ttft(model, processor, 384, {})
+            # The bandwidth probe's buffer is the bench's, not the model's: the peak is read before it exists,
+            # and decoding's resident memory is counted without it.
+            record["peak_before_probe_bytes"] = peak_resident_bytes()
+            probe = bg.BandwidthProbe(spec.get("probe_mb", 512))
+            probe_bytes = probe.data.numel() * probe.data.element_size()
+            record["read_bandwidth_gb_s"] = probe.best_of() / 1e9
             record["decode"] = []
             for batch in spec["batches"]:
                 trace.label = f"decode batch {batch}"
                 record["decode"].append(bg.measure_decode(model, processor, record["sizes"], batch,
                                                           spec["decode_steps"], probe, {}))
+            trace.label = "done"
         del probe
+    decoding = [rss for _, rss, label in trace.samples if label.startswith("decode")]
+    record["decode_rss_bytes"] = max(decoding, default=probe_bytes) - probe_bytes
+    record["peak_model_bytes"] = max(record["peak_before_probe_bytes"], record["decode_rss_bytes"])
     record["peak_rss_bytes"] = peak_resident_bytes()
     record["memory_trace"] = trace.coarse()
     record["load_peak_sample"] = trace.peak()
@@ -458,6 +466,7 @@ def measure(folder: Path, model: str, scheme: str, args: argparse.Namespace) -> 
             "batches": [int(b) for b in args.batches.split(",")], "decode_steps": args.decode_steps,
             "skip_ttft": args.skip_ttft}
     load_before = os.getloadavg()
+    code = code_state()
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                             stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -469,7 +478,7 @@ def measure(folder: Path, model: str, scheme: str, args: argparse.Namespace) -> 
                               "group_size": args.group_size, "language_layers": args.language_layers,
                               "wall_s": time.perf_counter() - start, "loadavg_before": load_before,
                               "loadavg_after": os.getloadavg(), "child_maxrss_bytes": usage.ru_maxrss * 1024,
-                              "exit_code": proc.returncode}
+                              "exit_code": proc.returncode, "code": code}
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         record["error"] = f"child exited with {proc.returncode}" + (" (killed: out of memory?)"
@@ -480,26 +489,29 @@ def measure(folder: Path, model: str, scheme: str, args: argparse.Namespace) -> 
 
 
 def estimate_parts(config: dict, scheme: str, group_size: int | None, also: str = "") -> dict[str, int]:
-    """What a load needs resident, by parts: the engine's own estimate (dsvl2.quant.memory: bfloat16 weights with
-    `scheme`'s layers quantized, and the runtime) and the float32 copy of the vision tower and projector that
-    the vision path of a CPU without native bfloat16 makes at engine start."""
-    from dsvl2.engine.cpu import fbgemm_fp16_available
-    from dsvl2.engine.kernels import FLOAT32, resolve_kernels
+    """What a load needs resident by the engine's own estimate (dsvl2.quant.memory: bfloat16 weights with
+    `scheme`'s layers quantized, and the runtime), as a dict so later parts can be added beside it."""
     from dsvl2.quant.memory import resident_bytes
     from dsvl2.quant.scheme import parse_scheme
 
     cfg = model_config_from_dict(config)
     parsed = parse_scheme(scheme, group_size if scheme == "int4" else None, also)
     quant = None if isinstance(parsed, str) or parsed is None else parsed
-    plan = resolve_kernels("auto", torch.device("cpu"), torch.bfloat16, fbgemm_fp16=fbgemm_fp16_available())
-    towers = ("vision.", "projector.")
-    vision = sum(2 * _numel(shape) for name, shape in tensor_layout(config) if name.startswith(towers))
-    return {"engine_estimate": int(resident_bytes(cfg, torch.bfloat16, quant)),
-            "float32_vision_copy": vision if plan.vision == FLOAT32 else 0}
+    return {"engine_estimate": int(resident_bytes(cfg, torch.bfloat16, quant))}
+
+
+def code_state() -> dict[str, Any]:
+    """The commit and the uncommitted files under dsvl2/ a run measured (the package changes while others work)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    return {"head": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": git("status", "--porcelain", "--", "dsvl2").splitlines()}
 
 
 def required_memory(config: dict, scheme: str, group_size: int | None, also: str = "") -> int:
-    """Bytes a load needs, for the check before it: the sum of `estimate_parts`."""
+    """Bytes a load needs, for the check before it."""
     return sum(estimate_parts(config, scheme, group_size, also).values())
 
 
@@ -527,7 +539,7 @@ def add_verdicts(results: dict[str, Any]) -> None:
         verdicts["answered"] = run["answer"]["tokens"] > 0 and not run["answer"]["error"]
         target = PEAK_TARGETS.get((run["model"], parse_variant(run["scheme"])[0]))
         if target:
-            verdicts["peak_memory"] = run["child_maxrss_bytes"] <= target
+            verdicts["peak_memory"] = run["peak_model_bytes"] <= target
         batch1 = next((d for d in run["decode"] if d["batch"] == 1), None)
         if batch1 and run["scheme"] != "none":
             verdicts["bandwidth_fraction"] = batch1["bandwidth_fraction"] >= BANDWIDTH_TARGET
@@ -558,7 +570,7 @@ def print_table(results: dict[str, Any]) -> None:
         speed = run.get("speedup_vs_bfloat16_batch1")
         estimate = sum(run["estimate"].values()) / 1e9 if "estimate" in run else float("nan")
         cells = [f"{run['model']:14}", f"{run['scheme']:12}", f"{run['load_s']:7.1f}",
-                 f"{run['child_maxrss_bytes'] / 1e9:8.2f}", f"{estimate:7.2f}", f"{ttft:7.1f}" if ttft else f"{'-':>7}",
+                 f"{run['peak_model_bytes'] / 1e9:8.2f}", f"{estimate:7.2f}", f"{ttft:7.1f}" if ttft else f"{'-':>7}",
                  f"{b1['tokens_per_s']:9.2f}" if b1 else f"{'-':>9}",
                  f"{b8['tokens_per_s']:9.2f}" if b8 else f"{'-':>9}",
                  f"{100 * b1['bandwidth_fraction']:6.0f}%" if b1 else f"{'-':>7}",
