@@ -463,12 +463,16 @@ def main(argv: list[str] | None = None) -> int:
             run["verdicts"] = verdicts(run)
             results["paths"].setdefault(name, []).append(run)
             release_free_memory()  # the path's model is gone: hand its memory back before the next is built
-    results.update({"peak_rss_bytes": peak_rss_bytes(), "loadavg_after": os.getloadavg()})
+            write_results(results, args.output)  # after every run, so a long comparison stopped early keeps them
     print_table(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
     return 0
+
+
+def write_results(results: dict[str, Any], output: Path) -> None:
+    results.update({"peak_rss_bytes": peak_rss_bytes(), "loadavg_after": os.getloadavg()})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=1))
 
 
 def load_memory(args: argparse.Namespace) -> int:
