@@ -4,8 +4,8 @@ The canonical quantized tensors (what dsvl2.quant's scheme writes and checkpoint
 
 - int8: `qweight` int8 [N, K] and `scales` float32 [N]: w = qweight * scale (per output channel).
 - int4: `qweight` uint8 [N, K // 2], two values per byte (low nibble = input column 2j, high nibble =
-  column 2j + 1, q in 0..15), `scales` and `mins` float32 [N, K // g]: w = q * scale + min for each
-  group of g input columns.
+  column 2j + 1, q in 0..15), `scales` and `mins` float16 [N, K // g]: w = q * scale + min for each
+  group of g input columns (computed in float32).
 
 `prepare_int8` and `prepare_int4` convert them once into the layout of the kernel that will run them
 and return a `Prepared` module: `forward(x)` for x [..., K] in float32, bfloat16 or float16 returns
@@ -71,6 +71,11 @@ def check_int8(qweight: torch.Tensor, scales: torch.Tensor) -> None:
         raise ValueError(f"int8 qweight must be a 2-d int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     if scales.shape != (qweight.shape[0],):
         raise ValueError(f"int8 scales must be [{qweight.shape[0]}], got {tuple(scales.shape)}")
+
+
+# int4 scales and mins are float16: float32 ones cost 1 bit per weight with groups of 64 (llama.cpp, GPTQ and AWQ
+# store float16 too); prepare_int4 rounds other float dtypes to it.
+INT4_PARAM_DTYPE = torch.float16
 
 
 def check_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> None:
@@ -215,8 +220,8 @@ class Int4Dequantize(Prepared):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
         super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
         self.register_buffer("qweight", qweight.contiguous())
-        self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        self.register_buffer("mins", mins.to(torch.float32).contiguous())
+        self.register_buffer("scales", scales.to(INT4_PARAM_DTYPE).contiguous())
+        self.register_buffer("mins", mins.to(INT4_PARAM_DTYPE).contiguous())
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size)
@@ -236,8 +241,9 @@ def _int4_scales_and_zeros(scales: torch.Tensor, mins: torch.Tensor) -> torch.Te
 class Int4StockCPU(Prepared):
     """int4 weight through `aten._weight_int4pack_mm_for_cpu` (its packed layout, bfloat16 activations).
 
-    The float32 scales and mins are kept for an exact `dequantize()`; the 4-bit values are read back
-    through the kernel itself (an identity matmul with scale 1 and zero 8 gives q exactly)."""
+    The op needs bfloat16 scales and zeros; the float16 scales and mins are kept beside them for an exact
+    `dequantize()`; the 4-bit values are read back through the kernel itself (an identity matmul with scale 1
+    and zero 8 gives q exactly)."""
 
     kernel = "int4-stock-cpu"
 
@@ -245,8 +251,8 @@ class Int4StockCPU(Prepared):
         super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
         q = unpack_int4(qweight).to(torch.int32)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
-        self.register_buffer("scales", scales.to(torch.float32).contiguous())
-        self.register_buffer("mins", mins.to(torch.float32).contiguous())
+        self.register_buffer("scales", scales.to(INT4_PARAM_DTYPE).contiguous())
+        self.register_buffer("mins", mins.to(INT4_PARAM_DTYPE).contiguous())
         self.register_buffer("scales_and_zeros", _int4_scales_and_zeros(scales, mins))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +276,7 @@ class Int4StockCPU(Prepared):
 # The C++ extension (csrc/qmatmul.cpp): built once per machine with flags chosen from the CPU, loaded via ctypes
 
 SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 TILE = 4  # output rows per tile of the C++ kernels' weight layout (dsvl2_qmatmul_tile)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _extension_lock = threading.Lock()
@@ -351,6 +357,8 @@ def _bind(path: Path, python: bool):
         lib.dsvl2_q8_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, i64, ptr, c_int]
         lib.dsvl2_q4_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
         lib.dsvl2_q8_matmul.restype = lib.dsvl2_q4_matmul.restype = c_int
+        for layout in (lib.dsvl2_q8_layout, lib.dsvl2_q4_layout, lib.dsvl2_group_tiles):
+            layout.argtypes, layout.restype = [ptr, i64, i64, ptr, c_int], None
     if lib.dsvl2_qmatmul_abi() != ABI_VERSION or lib.dsvl2_qmatmul_tile() != TILE:
         raise RuntimeError(f"{path.name} is a stale build")
     return lib
@@ -363,7 +371,7 @@ def _self_check(lib, isa_name: str) -> None:
     x = torch.randn(3, 192, generator=g)
     q8, s8 = torch.randint(-127, 128, (12, 192), generator=g, dtype=torch.int8), torch.rand(12, generator=g)
     q4 = torch.randint(0, 16, (12, 192), generator=g, dtype=torch.uint8)
-    s4, m4 = torch.rand(12, 3, generator=g), torch.rand(12, 3, generator=g) - 0.5
+    s4, m4 = ((torch.rand(12, 3, generator=g) - t).to(INT4_PARAM_DTYPE) for t in (0.0, 0.5))
     probes = ((Int8Extension(lib, isa_name, q8, s8, 0), dequantize_int8(q8, s8)),
               (Int4Extension(lib, isa_name, pack_int4(q4), s4, m4, 64, 0), dequantize_int4_values(q4, s4, m4, 64)))
     for module, w in probes:
@@ -425,30 +433,55 @@ def _extension_name(bits: str, isa_name: str, max_rows: int | None) -> str:
     return f"{bits}-{isa_name}(rows<={max_rows}), dequantize-f32 above"
 
 
-def _pad_rows(t: torch.Tensor) -> torch.Tensor:
-    """[N, C] -> [Np, C]: N padded with zero rows to a multiple of TILE."""
-    return F.pad(t, (0, 0, 0, -t.shape[0] % TILE))
+def _padded(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """`t` [N, C] padded with zeros to [rows, cols] (itself when it has that shape)."""
+    if tuple(t.shape) == (rows, cols):
+        return t
+    return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
 
 
-def to_int8_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
+def _native(lib: object | None, t: torch.Tensor) -> bool:
+    """Whether the extension `lib` converts the CPU tensor `t` (else PyTorch ops do, the same bytes)."""
+    return lib is not None and t.device.type == "cpu"
+
+
+def to_int8_kernel_layout(qweight: torch.Tensor, lib: object | None = None) -> torch.Tensor:
     """int8 [N, K] -> [Np / 4, Kp / 32, 4, 32]: tiles of 4 rows (N padded with zero rows), their 32-column
-    chunks interleaved, K padded with zeros to Kp (a multiple of 32)."""
-    k = qweight.shape[1]
-    q = _pad_rows(F.pad(qweight, (0, -k % 32)))
-    return q.view(-1, TILE, q.shape[1] // 32, 32).permute(0, 2, 1, 3).contiguous()
+    chunks interleaved, K padded with zeros to Kp (a multiple of 32). `lib`: the extension, to do it in C++."""
+    n, k = qweight.shape
+    tiles, chunks = -(-n // TILE), -(-k // 32)
+    if _native(lib, qweight):
+        out = torch.empty(tiles, chunks, TILE, 32, dtype=torch.int8)
+        lib.dsvl2_q8_layout(qweight.contiguous().data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+        return out
+    q = _padded(qweight, tiles * TILE, chunks * 32)
+    return q.view(tiles, TILE, chunks, 32).permute(0, 2, 1, 3).contiguous()
 
 
 def from_int8_kernel_layout(tiled: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return tiled.permute(0, 2, 1, 3).reshape(-1, tiled.shape[1] * 32)[:n, :k]
 
 
-def to_int4_kernel_layout(qweight: torch.Tensor) -> torch.Tensor:
-    """Canonical uint8 [N, K // 2] -> [Np / 4, Kp / 64, 4, 32] (Kp = K rounded up to 64): tiles of 4 rows, their
-    32-byte chunks interleaved; byte i of chunk s holds column 64s + i (low nibble) and 64s + 32 + i (high)."""
-    q = unpack_int4(qweight)
-    q = _pad_rows(F.pad(q, (0, -q.shape[1] % 64)))
-    q = q.view(-1, TILE, q.shape[1] // 64, 2, 32)
-    return (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+def to_int4_kernel_layout(qweight: torch.Tensor, lib: object | None = None) -> torch.Tensor:
+    """Canonical uint8 [N, K // 2] (K a multiple of 32) -> [Np / 4, Kp / 64, 4, 32] (Kp = K rounded up to 64):
+    tiles of 4 rows, their 32-byte chunks interleaved; byte i of chunk s holds column 64s + i (low nibble) and
+    64s + 32 + i (high). `lib`: the extension, to do it in C++."""
+    n, half = qweight.shape
+    if half % 16:
+        raise ValueError(f"the int4 kernel layout needs K a multiple of 32, got {half * 2}")
+    tiles, chunks = -(-n // TILE), -(-half // 32)
+    if _native(lib, qweight):
+        out = torch.empty(tiles, chunks, TILE, 32, dtype=torch.uint8)
+        lib.dsvl2_q4_layout(qweight.contiguous().data_ptr(), n, half * 2, out.data_ptr(), torch.get_num_threads())
+        return out
+    # On bytes, without unpacking: a chunk's canonical bytes a (16) and b (16) hold its columns 0..31 and 32..63;
+    # its byte 2j is lo(a_j) | lo(b_j) << 4 and byte 2j + 1 is hi(a_j) | hi(b_j) << 4.
+    ab = _padded(qweight, tiles * TILE, chunks * 32).view(tiles, TILE, chunks, 2, 16).transpose(1, 2)
+    a, b = ab[:, :, :, 0], ab[:, :, :, 1]
+    out = torch.empty(tiles, chunks, TILE, 16, 2, dtype=torch.uint8, device=qweight.device)
+    torch.bitwise_or(a & 0x0F, b << 4, out=out[..., 0])
+    torch.bitwise_or(a >> 4, b & 0xF0, out=out[..., 1])
+    return out.view(tiles, chunks, TILE, 32)
 
 
 def from_int4_kernel_layout(tiled: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -458,10 +491,17 @@ def from_int4_kernel_layout(tiled: torch.Tensor, n: int, k: int) -> torch.Tensor
     return q.reshape(-1, tiled.shape[1] * 64)[:n, :k]
 
 
-def to_group_tiles(t: torch.Tensor) -> torch.Tensor:
-    """Per-group scales or mins [N, G] -> [Np / 4, G, 4] float32 (the 4 rows of a tile side by side)."""
-    t = _pad_rows(t.to(torch.float32))
-    return t.view(-1, TILE, t.shape[1]).transpose(1, 2).contiguous()
+def to_group_tiles(t: torch.Tensor, lib: object | None = None) -> torch.Tensor:
+    """Per-group scales or mins [N, G] -> [Np / 4, G, 4] float16 (the 4 rows of a tile side by side). `lib`: the
+    extension, to do it in C++."""
+    t = t.to(INT4_PARAM_DTYPE)
+    n, groups = t.shape
+    tiles = -(-n // TILE)
+    if _native(lib, t):
+        out = torch.empty(tiles, groups, TILE, dtype=INT4_PARAM_DTYPE)
+        lib.dsvl2_group_tiles(t.contiguous().data_ptr(), n, groups, out.data_ptr(), torch.get_num_threads())
+        return out
+    return _padded(t, tiles * TILE, groups).view(tiles, TILE, groups).transpose(1, 2).contiguous()
 
 
 def from_group_tiles(tiled: torch.Tensor, n: int) -> torch.Tensor:
@@ -476,7 +516,7 @@ class Int8Extension(_ExtensionMixin, Prepared):
         super().__init__(n, k, 8)
         self._lib, self.max_rows = lib, max_rows
         self.kernel = _extension_name("int8", isa_name, max_rows)
-        self.register_buffer("qweight", to_int8_kernel_layout(qweight))
+        self.register_buffer("qweight", to_int8_kernel_layout(qweight, lib))
         self.register_buffer("scales", F.pad(scales.to(torch.float32), (0, -n % TILE)).contiguous())
 
     def dequantize(self) -> torch.Tensor:
@@ -497,9 +537,9 @@ class Int4Extension(_ExtensionMixin, Prepared):
         super().__init__(qweight.shape[0], qweight.shape[1] * 2, 4, group_size)
         self._lib, self.max_rows = lib, max_rows
         self.kernel = _extension_name("int4", isa_name, max_rows)
-        self.register_buffer("qweight", to_int4_kernel_layout(qweight))
-        self.register_buffer("scales", to_group_tiles(scales))
-        self.register_buffer("mins", to_group_tiles(mins))
+        self.register_buffer("qweight", to_int4_kernel_layout(qweight, lib))
+        self.register_buffer("scales", to_group_tiles(scales, lib))
+        self.register_buffer("mins", to_group_tiles(mins, lib))
 
     def dequantize(self) -> torch.Tensor:
         n = self.out_features
@@ -558,11 +598,12 @@ def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, device: torch.devi
 
 def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                  device: torch.device | str | None = None) -> Prepared:
-    """A module that multiplies by the int4 weight (q * scale + min per group of `group_size` columns)."""
+    """A module that multiplies by the int4 weight (q * scale + min per group of `group_size` columns); scales
+    and mins of another float dtype than float16 are rounded to it."""
     check_int4(qweight, scales, mins, group_size)
     device = torch.device(device if device is not None else qweight.device)
     qweight = qweight.to(device)
-    scales, mins = (t.to(device=device, dtype=torch.float32) for t in (scales, mins))
+    scales, mins = (t.to(device=device, dtype=INT4_PARAM_DTYPE) for t in (scales, mins))
     mode = kernel_mode()
     if device.type == "cpu":
         return _choose_int4_cpu(qweight, scales, mins, group_size, mode)

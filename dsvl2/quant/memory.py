@@ -2,7 +2,8 @@
 
 The count is arithmetic on the config (no model is built), so it runs before any weight is read and when the
 command-line help is printed. It covers the weights in the load dtype and quantization (router parameters in
-float32, scales and mins included), the KV cache when its size is known, and a fixed allowance for the runtime.
+float32, int4's float16 scales and mins included), the KV cache when its size is known, and a fixed allowance for
+the runtime.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | Non
         elif bits == 8:
             weight = n * k + 4 * n
         else:
-            weight = n * k // 2 + 8 * n * (k // scheme.group_size)
+            weight = n * k // 2 + 4 * n * (k // scheme.group_size)  # float16 scale and min per group
         total += lin.count * (weight + (n * size if lin.bias else 0))
     return total
 

@@ -2,7 +2,8 @@
 
 int8: one symmetric scale per output channel, w ~= qweight * scale with scale = absmax / 127.
 int4: asymmetric groups of `group_size` input columns, w ~= q * scale + min with q in 0..15, two values a byte
-(low nibble: input column 2j, high nibble: column 2j + 1).
+(low nibble: input column 2j, high nibble: column 2j + 1); scale and min are float16 (min rounded down and scale
+up, so that min + 15 * scale still reaches the group's maximum), q chosen against those rounded values.
 
 These are the tensors a quantized checkpoint stores (`<linear>.qweight`, `.scales`, `.mins`) and the kernels'
 `prepare_*` functions take (dsvl2.quant.kernels, which also dequantizes them exactly).
@@ -10,6 +11,7 @@ These are the tensors a quantized checkpoint stores (`<linear>.qweight`, `.scale
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import torch
 
 from dsvl2.config import ConfigError
 from dsvl2.errors import InputError
-from dsvl2.quant.kernels import pack_int4
+from dsvl2.quant.kernels import INT4_PARAM_DTYPE
 
 QUANT_METHOD = "dsvl2"
 FORMAT_VERSION = 1
@@ -191,8 +193,8 @@ def quantized_shapes(bits: int, out_features: int, in_features: int, group_size:
             "mins": [out_features, groups]}
 
 
-QUANTIZED_DTYPES = {"qweight": {8: torch.int8, 4: torch.uint8}, "scales": {8: torch.float32, 4: torch.float32},
-                    "mins": {4: torch.float32}}
+QUANTIZED_DTYPES = {"qweight": {8: torch.int8, 4: torch.uint8}, "scales": {8: torch.float32, 4: INT4_PARAM_DTYPE},
+                    "mins": {4: INT4_PARAM_DTYPE}}
 
 
 def _float32_blocks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -215,23 +217,38 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return qweight, scales
 
 
+def _float16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """float32 `x` rounded to float16 toward `direction` (-inf: the largest float16 <= x, +inf: the smallest >=)."""
+    half = x.to(torch.float16)
+    wrong = half.float() > x if direction < 0 else half.float() < x
+    return torch.where(wrong, torch.nextafter(half, torch.full_like(half, direction)), half)
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(qweight uint8 [N, K/2], scales float32 [N, K/g], mins float32 [N, K/g]) of a float weight [N, K]:
-    asymmetric groups of `group_size` input columns."""
+    """(qweight uint8 [N, K/2], scales float16 [N, K/g], mins float16 [N, K/g]) of a float weight [N, K]:
+    asymmetric groups of `group_size` input columns, |dequantized - w| <= scale / 2 (plus float32 rounding)."""
     n, k = weight.shape
     if k % group_size:
         raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension {k}")
     qweight = torch.empty(n, k // 2, dtype=torch.uint8)
-    scales = torch.empty(n, k // group_size, dtype=torch.float32)
+    scales = torch.empty(n, k // group_size, dtype=INT4_PARAM_DTYPE)
     mins = torch.empty_like(scales)
     for start, block in _float32_blocks(weight):
         rows = len(block)
         groups = block.view(rows, -1, group_size)
         low, high = torch.aminmax(groups, dim=-1)
-        scale = (high - low) / 15
-        inverse = 1 / scale.clamp_min(TINY)
-        # (w - min) / scale + 0.5 in two passes; it lies in 0..15.5, so truncating to uint8 rounds it.
-        groups.mul_(inverse[..., None]).sub_((low * inverse - 0.5)[..., None])
-        qweight[start:start + rows] = pack_int4(block.to(torch.uint8))
-        scales[start:start + rows], mins[start:start + rows] = scale, low
+        low16 = _float16_toward(low, -math.inf)
+        low = low16.float()
+        scale16 = _float16_toward((high - low) / 15, math.inf)
+        scale = scale16.float()
+        if not (bool(low.isfinite().all()) and bool(scale.isfinite().all())):
+            raise QuantizationError(f"int4: weights beyond float16's range ({torch.finfo(torch.float16).max}) "
+                                    "cannot have float16 scales and mins; use int8")
+        # q = trunc((w - min) / scale + 0.5) against the stored (rounded) scale and min, in one pass; a group of
+        # one value (scale 0) gets q = 0 from a zero inverse.
+        inverse = torch.where(scale > 0, 1 / scale, 0.0)
+        torch.addcmul((0.5 - low * inverse)[..., None], groups, inverse[..., None], out=groups)
+        q = block.to(torch.uint8)
+        qweight[start:start + rows] = torch.bitwise_or(q[:, 0::2], q[:, 1::2] << 4)
+        scales[start:start + rows], mins[start:start + rows] = scale16, low16
     return qweight, scales, mins

@@ -31,7 +31,7 @@ def random_int4(n: int, k: int, group: int, seed: int = 0):
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     scales = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
     mins = -8 * scales + (torch.rand(n, k // group, generator=g) - 0.5) * 0.01
-    return kernels.pack_int4(q), scales, mins
+    return kernels.pack_int4(q), scales.half(), mins.half()  # int4 scales and mins are float16
 
 
 def activations(rows: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
@@ -210,3 +210,49 @@ def test_stock_kernels_when_the_extension_cannot_build(monkeypatch, tmp_path):
     assert module.kernel.startswith("int8-stock")
     x = activations(3, 64, torch.bfloat16)
     assert_matches(module, x, kernels.dequantize_int8(q, scales))
+
+
+def test_int4_prepared_weights_hold_float16_scales_and_mins(mode):
+    """No kernel keeps float32 copies of the per-group scales and mins (1 bit per weight with groups of 64);
+    float32 ones given to prepare_int4 are rounded to float16, as dequantize() shows."""
+    qweight, scales, mins = random_int4(32, 128, 64)
+    module = kernels.prepare_int4(qweight, scales.float() + 1e-5, mins.float(), 64, "cpu")
+    assert not [name for name, b in module.named_buffers() if b.dtype == torch.float32]
+    assert {b.dtype for name, b in module.named_buffers() if "scales" in name or "mins" in name} <= {
+        torch.float16, torch.bfloat16}
+    rounded = (scales.float() + 1e-5).half()
+    assert torch.equal(module.dequantize(), kernels.dequantize_int4(qweight, rounded, mins, 64))
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (5, 96), (8, 160), (13, 256), (64, 1024)])
+def test_layout_conversions_in_cpp_equal_the_pytorch_ones_and_invert(n, k):
+    """The C++ conversions (load time) and the PyTorch ones give the same bytes, and from_* inverts them: N not a
+    multiple of the tile, K not a multiple of 64 (int4) or of 32 (int8, K + 3)."""
+    lib, line = kernels.extension()
+    assert lib is not None or not extension_buildable(), line  # else only the PyTorch conversions would be tested
+    g = torch.Generator().manual_seed(n * k)
+    q4 = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    q8 = torch.randint(-128, 128, (n, k + 3), generator=g, dtype=torch.int8)
+    s4 = torch.randn(n, k // 32, generator=g).half()
+    ways = [None] if lib is None else [None, lib]
+    for way in ways:
+        tiled = kernels.to_int4_kernel_layout(q4, way)
+        assert tiled.shape == (-(-n // 4), -(-k // 64), 4, 32)
+        assert torch.equal(kernels.from_int4_kernel_layout(tiled, n, k), kernels.unpack_int4(q4))
+        # Byte i of chunk 0 of row 0: column i in the low nibble, column 32 + i in the high one.
+        want = kernels.unpack_int4(q4)[0]
+        want = F.pad(want, (0, 64 - min(k, 64)))
+        assert torch.equal(tiled[0, 0, 0], want[:32] | (want[32:64] << 4))
+        padded_n, padded_k = tiled.shape[0] * 4, tiled.shape[1] * 64  # the padding holds zeros
+        assert torch.equal(kernels.from_int4_kernel_layout(tiled, padded_n, padded_k),
+                           F.pad(kernels.unpack_int4(q4), (0, padded_k - k, 0, padded_n - n)))
+        tiled8 = kernels.to_int8_kernel_layout(q8, way)
+        assert torch.equal(kernels.from_int8_kernel_layout(tiled8, n, k + 3), q8)
+        assert torch.equal(kernels.from_int8_kernel_layout(tiled8, padded_n, tiled8.shape[1] * 32),
+                           F.pad(q8, (0, tiled8.shape[1] * 32 - k - 3, 0, padded_n - n)))
+        groups = kernels.to_group_tiles(s4, way)
+        assert groups.dtype == torch.float16 and torch.equal(kernels.from_group_tiles(groups, n), s4)
+    if lib is not None:
+        assert torch.equal(kernels.to_int4_kernel_layout(q4, lib), kernels.to_int4_kernel_layout(q4))
+        assert torch.equal(kernels.to_int8_kernel_layout(q8, lib), kernels.to_int8_kernel_layout(q8))
+        assert torch.equal(kernels.to_group_tiles(s4, lib), kernels.to_group_tiles(s4))

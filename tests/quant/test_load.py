@@ -137,13 +137,13 @@ def test_a_missing_quantized_tensor_is_named(tmp_path: Path) -> None:
 def test_a_misshaped_or_mistyped_quantized_tensor_is_named_with_both_shapes(tmp_path: Path) -> None:
     folder = broken_copy(tmp_path)
     qweight, scales = f"{EXPERT}.qweight", f"{EXPERT}.scales"
-    # int8's shape in an int4 checkpoint; float16 scales where float32 ones belong.
+    # int8's shape in an int4 checkpoint; float32 scales where float16 ones belong (int4's scales and mins).
     edit_tensors(folder, qweight, lambda tensors: tensors.update({qweight: torch.zeros(64, 32, dtype=torch.uint8)}))
-    edit_tensors(folder, scales, lambda tensors: tensors.update({scales: tensors[scales].half()}))
+    edit_tensors(folder, scales, lambda tensors: tensors.update({scales: tensors[scales].float()}))
     with pytest.raises(CheckpointError) as info:
         load_model(folder)
     assert f"{qweight} (checkpoint [64, 32], model [64, 16])" in str(info.value)
-    assert f"{scales} (checkpoint float16, expected float32)" in str(info.value)
+    assert f"{scales} (checkpoint float32, expected float16)" in str(info.value)
 
 
 @pytest.mark.parametrize(("field", "value", "error", "message"), [

@@ -13,7 +13,8 @@
 //   int8: per tile of 4 rows, [Kp / 32][4][32] int8, Kp = K rounded up to 32 (zero padded); wscale [Np].
 //   int4: per tile of 4 rows, [Kp / 64][4][32] bytes, Kp = K rounded up to 64: byte i of a row's 32-byte chunk
 //         s holds column 64s + i in its low nibble and 64s + 32 + i in its high nibble (one load, one shift
-//         and two ands give two 32-column blocks). scales and mins per tile [K / group][4] float.
+//         and two ands give two 32-column blocks). scales and mins per tile [K / group][4] float16 (read with
+//         F16C: half the bytes of float32, which for groups of 64 was 1 bit per weight).
 // x and out: row-major [M][K] and [M][N] in float32 (0), bfloat16 (1) or float16 (2).
 #include <immintrin.h>
 #include <omp.h>
@@ -202,9 +203,9 @@ inline void q8_tile(const int8_t* w, const float* wscale, const Activations& a, 
 }
 
 // The int4 product of rows r0..r0+RS of one tile with MR activation rows from m0; res[m * TILE + r].
-// scales and mins of the tile are [G][TILE]. Per group the block sums collect in accg, then scale once.
+// scales and mins of the tile are [G][TILE] float16. Per group the block sums collect in accg, then scale once.
 template <int RS, int MR>
-inline void q4_tile(const uint8_t* w, const float* scales, const float* mins, int64_t group, const Activations& a,
+inline void q4_tile(const uint8_t* w, const uint16_t* scales, const uint16_t* mins, int64_t group, const Activations& a,
                     int64_t m0, int64_t K, int r0, float* res) {
   __m256 acc[RS][MR], accg[RS][MR];
   for (int r = 0; r < RS; ++r)
@@ -236,9 +237,9 @@ inline void q4_tile(const uint8_t* w, const float* scales, const float* mins, in
         }
       }
       if ((b + 1) % per_group == 0) {
-        const float* sg = scales + (b / per_group) * TILE + r0;
+        const uint16_t* sg = scales + (b / per_group) * TILE + r0;
         for (int r = 0; r < RS; ++r) {
-          const __m256 sv = _mm256_broadcast_ss(sg + r);
+          const __m256 sv = _mm256_set1_ps(_cvtsh_ss(sg[r]));
           for (int m = 0; m < MR; ++m) {
             acc[r][m] = _mm256_fmadd_ps(accg[r][m], sv, acc[r][m]);
             accg[r][m] = _mm256_setzero_ps();
@@ -252,7 +253,10 @@ inline void q4_tile(const uint8_t* w, const float* scales, const float* mins, in
     // The min term of the tile's TILE rows at once: sum_g mins[g][r] * xsum[g].
     const float* xs = a.xsum.data() + (m0 + m) * G;
     __m128 minterm = _mm_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) minterm = _mm_fmadd_ps(_mm_loadu_ps(mins + g * TILE), _mm_set1_ps(xs[g]), minterm);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m128 mv = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mins + g * TILE)));
+      minterm = _mm_fmadd_ps(mv, _mm_set1_ps(xs[g]), minterm);
+    }
     alignas(16) float mt[TILE];
     _mm_store_ps(mt, minterm);
     for (int r = 0; r < RS; ++r) res[m * TILE + r0 + r] = hsum(acc[r][m]) + mt[r0 + r];
@@ -292,7 +296,7 @@ void run_tiles(int64_t M, int64_t N, int64_t K, int nthreads, void* out, int odt
 extern "C" {
 
 // A version number kernels.py checks, so that a stale cached build is never used.
-int dsvl2_qmatmul_abi() { return 3; }
+int dsvl2_qmatmul_abi() { return 4; }
 
 // The tile (TILE rows) kernels.py lays weights out for.
 int dsvl2_qmatmul_tile() { return TILE; }
@@ -317,16 +321,16 @@ int dsvl2_q8_matmul(const void* x, int dt, int64_t M, int64_t K, const int8_t* w
 }
 
 // out [M][N] = x [M][K] @ W.T; w: ceil(N / TILE) tiles of [Kp / 64][TILE][32] bytes (Kp = K rounded up to 64;
-// see the top of this file for the nibbles), scales and mins: ceil(N / TILE) tiles of [K / group][TILE].
-int dsvl2_q4_matmul(const void* x, int dt, int64_t M, int64_t K, const uint8_t* w, const float* scales,
-                    const float* mins, int64_t group, int64_t N, void* out, int nthreads) {
+// see the top of this file for the nibbles), scales and mins: ceil(N / TILE) tiles of [K / group][TILE] float16.
+int dsvl2_q4_matmul(const void* x, int dt, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                    const uint16_t* mins, int64_t group, int64_t N, void* out, int nthreads) {
   if (K % 32 || group % 32 || K % group) return 1;
   const int64_t Kp = (K + 63) / 64 * 64, G = K / group;
   const Activations& a = quantize(x, dt, M, K, Kp, group, nthreads);
   run_tiles(M, N, K, nthreads, out, dt, [&](int64_t t, int64_t m0, int64_t mleft, float* res) {
     const uint8_t* wt = w + t * TILE * (Kp / 2);
-    const float* st = scales + t * TILE * G;
-    const float* mt = mins + t * TILE * G;
+    const uint16_t* st = scales + t * TILE * G;
+    const uint16_t* mt = mins + t * TILE * G;
     if (mleft >= 2) {  // 16 accumulators: some spill to L1, still 8-10% faster than two passes of 2 x 2
       q4_tile<4, 2>(wt, st, mt, group, a, m0, K, 0, res);
       return int64_t(2);
@@ -335,6 +339,73 @@ int dsvl2_q4_matmul(const void* x, int dt, int64_t M, int64_t K, const uint8_t* 
     return int64_t(1);
   });
   return 0;
+}
+
+// The kernels' layouts from the canonical tensors (kernels.py's to_*_kernel_layout and to_group_tiles do the same
+// with PyTorch ops): one pass over the weight, memory-bound, tiles split over the threads for large weights only.
+// Rows from N up to the tile's end and columns past K are zeros.
+
+// One thread copies ~10 GB/s; waking a second cost 17-20 ms per call on a loaded 2-core machine (against 0.8 ms
+// for 8 MiB on one), and a model has thousands of weights (benchmarks/NOTES_quant_kernels.md).
+constexpr int64_t LAYOUT_PARALLEL_BYTES = int64_t(64) << 20;
+
+// int8 [N][K] -> ceil(N / TILE) tiles of [Kp / 32][TILE][32], Kp = K rounded up to 32.
+void dsvl2_q8_layout(const int8_t* q, int64_t N, int64_t K, int8_t* out, int nthreads) {
+  const int64_t Kp = (K + 31) / 32 * 32, tiles = (N + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= LAYOUT_PARALLEL_BYTES)
+  for (int64_t t = 0; t < tiles; ++t) {
+    int8_t* o = out + t * TILE * Kp;
+    for (int64_t c = 0; c < Kp; c += 32) {
+      for (int r = 0; r < TILE; ++r, o += 32) {
+        const int64_t n = t * TILE + r, take = n < N ? std::min<int64_t>(32, K - c) : 0;
+        if (take > 0) memcpy(o, q + n * K + c, take);
+        if (take < 32) memset(o + take, 0, 32 - take);
+      }
+    }
+  }
+}
+
+// Canonical int4 [N][K / 2] (column 2j in the low nibble of byte j) -> ceil(N / TILE) tiles of [Kp / 64][TILE][32]
+// (byte i of chunk s: column 64s + i low, 64s + 32 + i high), Kp = K rounded up to 64; K a multiple of 32.
+// Canonical bytes a = 32s..32s+15 hold columns 64s..64s+31, b = 32s+16..32s+31 the next 32: byte 2j of the chunk
+// is lo(a_j) | lo(b_j) << 4, byte 2j + 1 is hi(a_j) | hi(b_j) << 4.
+void dsvl2_q4_layout(const uint8_t* q, int64_t N, int64_t K, uint8_t* out, int nthreads) {
+  const int64_t half = K / 2, chunks = (K + 63) / 64, tiles = (N + TILE - 1) / TILE;
+  const __m128i low4 = _mm_set1_epi8(0x0F), high4 = _mm_set1_epi8(static_cast<char>(0xF0));
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * half >= LAYOUT_PARALLEL_BYTES)
+  for (int64_t t = 0; t < tiles; ++t) {
+    uint8_t* o = out + t * TILE * chunks * 32;
+    for (int64_t s = 0; s < chunks; ++s) {
+      for (int r = 0; r < TILE; ++r, o += 32) {
+        const int64_t n = t * TILE + r;
+        __m128i a = _mm_setzero_si128(), b = _mm_setzero_si128();
+        if (n < N) {
+          const uint8_t* src = q + n * half + 32 * s;
+          a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+          if (32 * s + 32 <= half) b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+        }
+        // even: lo(a) | lo(b) << 4; odd: hi(a) | hi(b) << 4 (16-bit shifts, the masks drop the bits that cross).
+        const __m128i even = _mm_or_si128(_mm_and_si128(a, low4), _mm_and_si128(_mm_slli_epi16(b, 4), high4));
+        const __m128i odd = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(a, 4), low4), _mm_and_si128(b, high4));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi8(even, odd));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi8(even, odd));
+      }
+    }
+  }
+}
+
+// Per-group float16 values [N][G] -> ceil(N / TILE) tiles of [G][TILE] (the tile's rows side by side).
+void dsvl2_group_tiles(const uint16_t* v, int64_t N, int64_t G, uint16_t* out, int nthreads) {
+  const int64_t tiles = (N + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (2 * N * G >= LAYOUT_PARALLEL_BYTES)
+  for (int64_t t = 0; t < tiles; ++t) {
+    uint16_t* o = out + t * TILE * G;
+    for (int64_t g = 0; g < G; ++g)
+      for (int r = 0; r < TILE; ++r) {
+        const int64_t n = t * TILE + r;
+        o[g * TILE + r] = n < N ? v[n * G + g] : 0;
+      }
+  }
 }
 
 }  // extern "C"
@@ -377,10 +448,21 @@ PyObject* py_q4(PyObject*, PyObject* const* args, Py_ssize_t n) {
   int rc;
   Py_BEGIN_ALLOW_THREADS
   rc = dsvl2_q4_matmul(reinterpret_cast<const void*>(v[0]), int(v[1]), v[2], v[3], reinterpret_cast<const uint8_t*>(v[4]),
-                       reinterpret_cast<const float*>(v[5]), reinterpret_cast<const float*>(v[6]), v[7], v[8],
+                       reinterpret_cast<const uint16_t*>(v[5]), reinterpret_cast<const uint16_t*>(v[6]), v[7], v[8],
                        reinterpret_cast<void*>(v[9]), int(v[10]));
   Py_END_ALLOW_THREADS
   return PyLong_FromLong(rc);
+}
+
+// The layout conversions: (source pointer, N, K or G, destination pointer, threads); they return None.
+template <typename T, void (*F)(const T*, int64_t, int64_t, T*, int)>
+PyObject* py_layout(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  long long v[5];
+  if (!int_args(args, n, 5, v)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS
+  F(reinterpret_cast<const T*>(v[0]), v[1], v[2], reinterpret_cast<T*>(v[3]), int(v[4]));
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
 }
 
 PyObject* py_abi(PyObject*, PyObject*) { return PyLong_FromLong(dsvl2_qmatmul_abi()); }
@@ -389,6 +471,13 @@ PyObject* py_tile(PyObject*, PyObject*) { return PyLong_FromLong(dsvl2_qmatmul_t
 PyMethodDef methods[] = {
     {"dsvl2_q8_matmul", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_q8)), METH_FASTCALL, nullptr},
     {"dsvl2_q4_matmul", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_q4)), METH_FASTCALL, nullptr},
+    {"dsvl2_q8_layout", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_layout<int8_t, dsvl2_q8_layout>)),
+     METH_FASTCALL, nullptr},
+    {"dsvl2_q4_layout", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_layout<uint8_t, dsvl2_q4_layout>)),
+     METH_FASTCALL, nullptr},
+    {"dsvl2_group_tiles",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_layout<uint16_t, dsvl2_group_tiles>)), METH_FASTCALL,
+     nullptr},
     {"dsvl2_qmatmul_abi", py_abi, METH_NOARGS, nullptr},
     {"dsvl2_qmatmul_tile", py_tile, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};
