@@ -2,7 +2,8 @@
 kernels' layout conversions (prepare_int4 / prepare_int8 of canonical tensors), in GB/s.
 
 quantize: GB/s of the bfloat16 weight read; prepare: GB/s of the canonical qweight (int4: K/2 bytes a row).
-Methods run in turn within one process, `--repeats` times; medians are printed (the machine may be shared).
+Methods run in turn within one process, `--repeats` times; medians of wall-clock time and of the process's CPU
+time (all its threads) are printed: on a shared machine the CPU time says what an idle core would take.
 
     python benchmarks/bench_quant_prepare.py [--rows 2048 --cols 8192] [--repeats 7] [--threads 2]
 """
@@ -20,10 +21,11 @@ from dsvl2.quant import kernels
 from dsvl2.quant.scheme import quantize_int4, quantize_int8
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of the process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -49,13 +51,15 @@ def main() -> None:
         "to_int4_kernel_layout, torch (qweight GB/s)": (lambda: kernels.to_int4_kernel_layout(q4, None), q4.numel()),
         "to_int8_kernel_layout, torch (qweight GB/s)": (lambda: kernels.to_int8_kernel_layout(q8, None), q8.numel()),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     for _ in range(args.repeats):
         for name, (fn, _) in cases.items():
             times[name].append(timed(fn))
+    print(f"{'':45s} {'wall ms':>9s} {'GB/s':>6s} {'CPU ms':>9s} {'GB/s':>6s}")
     for name, (_, nbytes) in cases.items():
-        median = statistics.median(times[name])
-        print(f"{name:45s} {median * 1e3:9.1f} ms  {nbytes / median / 1e9:6.2f} GB/s")
+        wall = statistics.median(t[0] for t in times[name])
+        cpu = statistics.median(t[1] for t in times[name])
+        print(f"{name:45s} {wall * 1e3:9.1f} {nbytes / wall / 1e9:6.2f} {cpu * 1e3:9.1f} {nbytes / cpu / 1e9:6.2f}")
     with open("/proc/loadavg") as f:
         print("load average:", f.read().strip())
 

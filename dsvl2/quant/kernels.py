@@ -359,6 +359,8 @@ def _bind(path: Path, python: bool):
         lib.dsvl2_q8_matmul.restype = lib.dsvl2_q4_matmul.restype = c_int
         for layout in (lib.dsvl2_q8_layout, lib.dsvl2_q4_layout, lib.dsvl2_group_tiles):
             layout.argtypes, layout.restype = [ptr, i64, i64, ptr, c_int], None
+        lib.dsvl2_q4_quantize.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, ptr, c_int]
+        lib.dsvl2_q4_quantize.restype = None
     if lib.dsvl2_qmatmul_abi() != ABI_VERSION or lib.dsvl2_qmatmul_tile() != TILE:
         raise RuntimeError(f"{path.name} is a stale build")
     return lib
@@ -403,6 +405,28 @@ def _load_extension() -> tuple[object | None, str]:
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         return None, f"C++ kernels unavailable ({error}): PyTorch's stock int8/int4 kernels"
     return lib, f"C++ kernels built for {isa[1]} ({SOURCE.name})"
+
+
+def quantize_int4_native(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...] | None:
+    """(qweight, scales, mins) of a CPU float weight [N, K] from the C++ quantizer (the same values as scheme.py's
+    PyTorch path, one pass), or None where the extension is not used (DSVL2_QUANT_KERNEL stock or dequantize, not
+    built) or does not take the weight (another device or dtype, K not a multiple of the group)."""
+    code = _DTYPE_CODES.get(weight.dtype)
+    n, k = weight.shape
+    if code is None or weight.device.type != "cpu" or k % group_size or group_size not in GROUP_SIZES:
+        return None
+    if kernel_mode() not in ("auto", "extension"):
+        return None
+    lib, _ = extension()
+    if lib is None:
+        return None
+    weight = weight.detach().contiguous()
+    qweight = torch.empty(n, k // 2, dtype=torch.uint8)
+    scales = torch.empty(n, k // group_size, dtype=INT4_PARAM_DTYPE)
+    mins = torch.empty_like(scales)
+    lib.dsvl2_q4_quantize(weight.data_ptr(), code, n, k, group_size, qweight.data_ptr(), scales.data_ptr(),
+                          mins.data_ptr(), torch.get_num_threads())
+    return qweight, scales, mins
 
 
 class _ExtensionMixin:

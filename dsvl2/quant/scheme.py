@@ -21,7 +21,7 @@ import torch
 
 from dsvl2.config import ConfigError
 from dsvl2.errors import InputError
-from dsvl2.quant.kernels import INT4_PARAM_DTYPE
+from dsvl2.quant.kernels import INT4_PARAM_DTYPE, quantize_int4_native
 
 QUANT_METHOD = "dsvl2"
 FORMAT_VERSION = 1
@@ -224,12 +224,23 @@ def _float16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(half, torch.full_like(half, direction)), half)
 
 
+def _check_float16_range(scales: torch.Tensor, mins: torch.Tensor) -> None:
+    if not (bool(scales.isfinite().all()) and bool(mins.isfinite().all())):
+        raise QuantizationError(f"int4: weights beyond float16's range ({torch.finfo(torch.float16).max}) cannot "
+                                "have float16 scales and mins; use int8")
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(qweight uint8 [N, K/2], scales float16 [N, K/g], mins float16 [N, K/g]) of a float weight [N, K]:
-    asymmetric groups of `group_size` input columns, |dequantized - w| <= scale / 2 (plus float32 rounding)."""
+    asymmetric groups of `group_size` input columns, |dequantized - w| <= scale / 2 (plus float32 rounding). The
+    C++ extension computes it where it is used (kernels.quantize_int4_native), these PyTorch ops elsewhere."""
     n, k = weight.shape
     if k % group_size:
         raise QuantizationError(f"int4 group size {group_size} does not divide the input dimension {k}")
+    native = quantize_int4_native(weight, group_size)
+    if native is not None:
+        _check_float16_range(native[1], native[2])
+        return native
     qweight = torch.empty(n, k // 2, dtype=torch.uint8)
     scales = torch.empty(n, k // group_size, dtype=INT4_PARAM_DTYPE)
     mins = torch.empty_like(scales)
@@ -241,9 +252,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         low = low16.float()
         scale16 = _float16_toward((high - low) / 15, math.inf)
         scale = scale16.float()
-        if not (bool(low.isfinite().all()) and bool(scale.isfinite().all())):
-            raise QuantizationError(f"int4: weights beyond float16's range ({torch.finfo(torch.float16).max}) "
-                                    "cannot have float16 scales and mins; use int8")
+        _check_float16_range(scale, low)
         # q = trunc((w - min) / scale + 0.5) against the stored (rounded) scale and min, in one pass; a group of
         # one value (scale 0) gets q = 0 from a zero inverse.
         inverse = torch.where(scale > 0, 1 / scale, 0.0)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsvl2.config import ConfigError
+from dsvl2.quant import kernels
 from dsvl2.quant.kernels import ENV_KERNEL, dequantize_int4, dequantize_int8, unpack_int4
 from dsvl2.quant.linear import QuantizedLinear, describe_quantization, quantize_module
 from dsvl2.quant.scheme import (
@@ -84,8 +85,15 @@ def test_int8_error_is_small_and_rows_use_their_own_scale() -> None:
     assert torch.equal(dequantize_int8(*quantize_int8(torch.zeros(2, 8))), torch.zeros(2, 8))  # no NaN
 
 
+@pytest.fixture(params=["auto", "stock"], ids=["cpp-quantizer", "pytorch-quantizer"])
+def quantizer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """quantize_int4 through the C++ extension (where it builds) or through PyTorch ops (stock kernels)."""
+    monkeypatch.setenv(ENV_KERNEL, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_error_is_at_most_half_a_step_per_group(group: int) -> None:
+def test_int4_error_is_at_most_half_a_step_per_group(group: int, quantizer: str) -> None:
     w = weight()
     q, scales, mins = quantize_int4(w, group)
     assert q.dtype == torch.uint8 and q.shape == (48, 128) and scales.shape == mins.shape == (48, 256 // group)
@@ -101,7 +109,7 @@ def test_int4_error_is_at_most_half_a_step_per_group(group: int) -> None:
 
 
 @pytest.mark.parametrize("std", [1.0, 1e-6])
-def test_int4_float16_scales_keep_small_and_large_weights_accurate(std: float) -> None:
+def test_int4_float16_scales_keep_small_and_large_weights_accurate(std: float, quantizer: str) -> None:
     """float16 scales and mins (quantized in float32, then rounded: min down, scale up) cost little against
     float32 ones, also for weights of 1e-6 (scales ~3e-7, float16 subnormals): relative error within 12% of what
     exact float32 scales give, and every value within half a stored step."""
@@ -117,7 +125,7 @@ def test_int4_float16_scales_keep_small_and_large_weights_accurate(std: float) -
     assert (error <= scales.float() / 2 * (1 + 1e-5) + 1e-7 * std).all()
 
 
-def test_int4_constant_groups_and_weights_beyond_float16() -> None:
+def test_int4_constant_groups_and_weights_beyond_float16(quantizer: str) -> None:
     w = torch.zeros(3, 64)
     w[1] = 3.3  # not a float16: min rounds down below it, the scale reaches it
     w[2, 32:] = -1e-9  # under float16's smallest subnormal
@@ -129,6 +137,27 @@ def test_int4_constant_groups_and_weights_beyond_float16() -> None:
     assert torch.allclose(dequantize_int4(*quantize_int4(big, 32), 32), big, rtol=1e-3)
     with pytest.raises(QuantizationError, match="float16"):
         quantize_int4(torch.full((1, 32), 1e7), 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpp_quantizer_gives_the_pytorch_quantizers_values(dtype: torch.dtype,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same scales and mins; the same q but at exact ties (w halfway between two levels, common with bfloat16
+    weights), where the C++ fma and PyTorch's separate multiply and add may land on either neighbour."""
+    if kernels.extension()[0] is None:
+        pytest.skip(kernels.extension()[1])
+    w = torch.randn(301, 1024, generator=torch.Generator().manual_seed(5)).to(dtype)
+    w[7, :64] = 0.25  # a constant group
+    for group in (32, 64, 128):
+        native = kernels.quantize_int4_native(w, group)
+        assert native is not None
+        monkeypatch.setenv(ENV_KERNEL, "stock")
+        assert kernels.quantize_int4_native(w, group) is None
+        reference = quantize_int4(w, group)
+        monkeypatch.delenv(ENV_KERNEL)
+        assert torch.equal(native[1], reference[1]) and torch.equal(native[2], reference[2])
+        differ = unpack_int4(native[0]).int() - unpack_int4(reference[0]).int()
+        assert differ.abs().max() <= 1 and differ.ne(0).float().mean() < 1e-3
 
 
 def test_int4_packing_puts_even_columns_in_the_low_nibble() -> None:

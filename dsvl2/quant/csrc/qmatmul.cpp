@@ -394,6 +394,44 @@ void dsvl2_q4_layout(const uint8_t* q, int64_t N, int64_t K, uint8_t* out, int n
   }
 }
 
+// int4 quantization of a float weight [N][K] (float32, bfloat16 or float16; K a multiple of `group`, `group` of
+// 32): scheme.py's PyTorch path in one pass instead of a dozen. Per group: min rounded down and
+// scale = (max - min) / 15 rounded up to float16 (F16C's directed rounding), then
+// q = trunc(w * (1 / scale) + (0.5 - min * (1 / scale))) against those rounded values (0 for a scale of 0), with
+// one fma: q can differ from PyTorch's (unfused) at exact ties, where both are half a step away.
+void dsvl2_q4_quantize(const void* w, int dt, int64_t N, int64_t K, int64_t group, uint8_t* qweight,
+                       uint16_t* scales, uint16_t* mins, int nthreads) {
+  const int64_t G = K / group;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= LAYOUT_PARALLEL_BYTES)
+  for (int64_t n = 0; n < N; ++n) {
+    alignas(32) int32_t q[128];
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = n * K + g * group;
+      __m256 lo = load8(w, k0, dt), hi = lo;
+      for (int64_t i = 8; i < group; i += 8) {
+        const __m256 v = load8(w, k0 + i, dt);
+        lo = _mm256_min_ps(lo, v);
+        hi = _mm256_max_ps(hi, v);
+      }
+      const float low = -hmax(_mm256_sub_ps(_mm256_setzero_ps(), lo)), high = hmax(hi);
+      const uint16_t low16 = _cvtss_sh(low, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      const float lowr = _cvtsh_ss(low16);
+      const uint16_t scale16 = _cvtss_sh((high - lowr) / 15.0f, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+      const float scale = _cvtsh_ss(scale16);
+      const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+      const __m256 inv = _mm256_set1_ps(inverse), bias = _mm256_set1_ps(0.5f - lowr * inverse);
+      for (int64_t i = 0; i < group; i += 8) {
+        const __m256 v = _mm256_fmadd_ps(load8(w, k0 + i, dt), inv, bias);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q + i), _mm256_cvttps_epi32(v));
+      }
+      uint8_t* out = qweight + k0 / 2;
+      for (int64_t j = 0; j < group / 2; ++j) out[j] = static_cast<uint8_t>(q[2 * j] | (q[2 * j + 1] << 4));
+      scales[n * G + g] = scale16;
+      mins[n * G + g] = low16;
+    }
+  }
+}
+
 // Per-group float16 values [N][G] -> ceil(N / TILE) tiles of [G][TILE] (the tile's rows side by side).
 void dsvl2_group_tiles(const uint16_t* v, int64_t N, int64_t G, uint16_t* out, int nthreads) {
   const int64_t tiles = (N + TILE - 1) / TILE;
@@ -465,6 +503,16 @@ PyObject* py_layout(PyObject*, PyObject* const* args, Py_ssize_t n) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_q4_quantize(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  long long v[9];
+  if (!int_args(args, n, 9, v)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS
+  dsvl2_q4_quantize(reinterpret_cast<const void*>(v[0]), int(v[1]), v[2], v[3], v[4], reinterpret_cast<uint8_t*>(v[5]),
+                    reinterpret_cast<uint16_t*>(v[6]), reinterpret_cast<uint16_t*>(v[7]), int(v[8]));
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 PyObject* py_abi(PyObject*, PyObject*) { return PyLong_FromLong(dsvl2_qmatmul_abi()); }
 PyObject* py_tile(PyObject*, PyObject*) { return PyLong_FromLong(dsvl2_qmatmul_tile()); }
 
@@ -477,6 +525,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, nullptr},
     {"dsvl2_group_tiles",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_layout<uint16_t, dsvl2_group_tiles>)), METH_FASTCALL,
+     nullptr},
+    {"dsvl2_q4_quantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_q4_quantize)), METH_FASTCALL,
      nullptr},
     {"dsvl2_qmatmul_abi", py_abi, METH_NOARGS, nullptr},
     {"dsvl2_qmatmul_tile", py_tile, METH_NOARGS, nullptr},
