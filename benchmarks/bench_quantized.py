@@ -382,6 +382,10 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         quantized = [m for m in model.modules() if type(m).__name__ == "QuantizedLinear"]
         record["quantized_linears"] = len(quantized)
         record["quantized_kernels"] = sorted({str(m.kernel) for m in quantized})
+        if quantized:  # why the C++ kernels are not used, when they are not: the fallback is otherwise silent
+            from dsvl2.quant import kernels as qkernels
+
+            record["extension_status"] = str(qkernels.extension()[1])
         with torch.inference_mode():
             trace.label = "answer"
             answer = engine.generate(Request([{"role": "user", "content": "Describe the sea in one sentence."}], [],
