@@ -361,6 +361,8 @@ def _bind(path: Path, python: bool):
             layout.argtypes, layout.restype = [ptr, i64, i64, ptr, c_int], None
         lib.dsvl2_q4_quantize.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, ptr, c_int]
         lib.dsvl2_q4_quantize.restype = None
+        lib.dsvl2_q8_quantize.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int]
+        lib.dsvl2_q8_quantize.restype = None
     if lib.dsvl2_qmatmul_abi() != ABI_VERSION or lib.dsvl2_qmatmul_tile() != TILE:
         raise RuntimeError(f"{path.name} is a stale build")
     return lib
@@ -407,19 +409,40 @@ def _load_extension() -> tuple[object | None, str]:
     return lib, f"C++ kernels built for {isa[1]} ({SOURCE.name})"
 
 
+def _native_quantizer(weight: torch.Tensor) -> tuple[object, int] | None:
+    """(extension, dtype code) where the C++ quantizers take `weight`: a CPU float weight, DSVL2_QUANT_KERNEL auto or
+    extension, the extension built."""
+    code = _DTYPE_CODES.get(weight.dtype)
+    if code is None or weight.device.type != "cpu" or weight.dim() != 2 or kernel_mode() not in ("auto", "extension"):
+        return None
+    lib, _ = extension()
+    return None if lib is None else (lib, code)
+
+
+def quantize_int8_native(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(qweight, scales) of a CPU float weight [N, K] from the C++ quantizer (scheme.py's PyTorch path's values, one
+    pass), or None where it is not used (see quantize_int4_native)."""
+    native = _native_quantizer(weight)
+    if native is None:
+        return None
+    lib, code = native
+    n, k = weight.shape
+    weight = weight.detach().contiguous()
+    qweight = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    lib.dsvl2_q8_quantize(weight.data_ptr(), code, n, k, qweight.data_ptr(), scales.data_ptr(), torch.get_num_threads())
+    return qweight, scales
+
+
 def quantize_int4_native(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...] | None:
     """(qweight, scales, mins) of a CPU float weight [N, K] from the C++ quantizer (the same values as scheme.py's
     PyTorch path, one pass), or None where the extension is not used (DSVL2_QUANT_KERNEL stock or dequantize, not
     built) or does not take the weight (another device or dtype, K not a multiple of the group)."""
-    code = _DTYPE_CODES.get(weight.dtype)
     n, k = weight.shape
-    if code is None or weight.device.type != "cpu" or k % group_size or group_size not in GROUP_SIZES:
+    native = None if k % group_size or group_size not in GROUP_SIZES else _native_quantizer(weight)
+    if native is None:
         return None
-    if kernel_mode() not in ("auto", "extension"):
-        return None
-    lib, _ = extension()
-    if lib is None:
-        return None
+    lib, code = native
     weight = weight.detach().contiguous()
     qweight = torch.empty(n, k // 2, dtype=torch.uint8)
     scales = torch.empty(n, k // group_size, dtype=INT4_PARAM_DTYPE)

@@ -21,7 +21,7 @@ import torch
 
 from dsvl2.config import ConfigError
 from dsvl2.errors import InputError
-from dsvl2.quant.kernels import INT4_PARAM_DTYPE, quantize_int4_native
+from dsvl2.quant.kernels import INT4_PARAM_DTYPE, quantize_int4_native, quantize_int8_native
 
 QUANT_METHOD = "dsvl2"
 FORMAT_VERSION = 1
@@ -206,7 +206,11 @@ def _float32_blocks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qweight int8 [N, K], scales float32 [N]) of a float weight [N, K], symmetric per output channel."""
+    """(qweight int8 [N, K], scales float32 [N]) of a float weight [N, K], symmetric per output channel (in C++
+    where the extension is used: kernels.quantize_int8_native)."""
+    native = quantize_int8_native(weight)
+    if native is not None:
+        return native
     qweight = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.shape[0], dtype=torch.float32)
     for start, block in _float32_blocks(weight):

@@ -160,6 +160,23 @@ def test_the_cpp_quantizer_gives_the_pytorch_quantizers_values(dtype: torch.dtyp
         assert differ.abs().max() <= 1 and differ.ne(0).float().mean() < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpp_int8_quantizer_gives_the_pytorch_quantizers_values_exactly(dtype: torch.dtype,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    if kernels.extension()[0] is None:
+        pytest.skip(kernels.extension()[1])
+    for k in (100, 1280):  # K not a multiple of 32, and one that is
+        w = torch.randn(37, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+        w[1] = 0  # an all-zero row
+        w[2, 5] = 40.0  # an outlier: its row's scale
+        native = kernels.quantize_int8_native(w)
+        assert native is not None
+        monkeypatch.setenv(ENV_KERNEL, "stock")
+        reference = quantize_int8(w)
+        monkeypatch.delenv(ENV_KERNEL)
+        assert torch.equal(native[0], reference[0]) and torch.equal(native[1], reference[1])
+
+
 def test_int4_packing_puts_even_columns_in_the_low_nibble() -> None:
     w = torch.tensor([[0.0, 15.0] * 16])  # one group of 32: q = w exactly
     q, scales, mins = quantize_int4(w, 32)

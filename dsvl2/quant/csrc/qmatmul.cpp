@@ -22,6 +22,8 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 // 0: AVX2 (maddubs + madd); 1: AVX-VNNI; 2: AVX512-VNNI on 256-bit registers (AVX512VL).
@@ -402,9 +404,9 @@ void dsvl2_q4_layout(const uint8_t* q, int64_t N, int64_t K, uint8_t* out, int n
 void dsvl2_q4_quantize(const void* w, int dt, int64_t N, int64_t K, int64_t group, uint8_t* qweight,
                        uint16_t* scales, uint16_t* mins, int nthreads) {
   const int64_t G = K / group;
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), low_byte = _mm256_set1_epi16(0x00FF);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= LAYOUT_PARALLEL_BYTES)
   for (int64_t n = 0; n < N; ++n) {
-    alignas(32) int32_t q[128];
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = n * K + g * group;
       __m256 lo = load8(w, k0, dt), hi = lo;
@@ -420,15 +422,51 @@ void dsvl2_q4_quantize(const void* w, int dt, int64_t N, int64_t K, int64_t grou
       const float scale = _cvtsh_ss(scale16);
       const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
       const __m256 inv = _mm256_set1_ps(inverse), bias = _mm256_set1_ps(0.5f - lowr * inverse);
-      for (int64_t i = 0; i < group; i += 8) {
-        const __m256 v = _mm256_fmadd_ps(load8(w, k0 + i, dt), inv, bias);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(q + i), _mm256_cvttps_epi32(v));
+      for (int64_t i = 0; i < group; i += 32) {
+        __m256i v[4];
+        for (int j = 0; j < 4; ++j) v[j] = _mm256_cvttps_epi32(_mm256_fmadd_ps(load8(w, k0 + i + 8 * j, dt), inv, bias));
+        // 32 values 0..15 as bytes in order, then byte pairs (x = q[2j] | q[2j+1] << 8) to q[2j] | q[2j+1] << 4.
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        b = _mm256_permutevar8x32_epi32(b, perm);
+        b = _mm256_and_si256(_mm256_or_si256(b, _mm256_srli_epi16(b, 4)), low_byte);
+        b = _mm256_permute4x64_epi64(_mm256_packus_epi16(b, b), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qweight + (k0 + i) / 2), _mm256_castsi256_si128(b));
       }
-      uint8_t* out = qweight + k0 / 2;
-      for (int64_t j = 0; j < group / 2; ++j) out[j] = static_cast<uint8_t>(q[2 * j] | (q[2 * j + 1] << 4));
       scales[n * G + g] = scale16;
       mins[n * G + g] = low16;
     }
+  }
+}
+
+// int8 quantization of a float weight [N][K] (float32, bfloat16 or float16), scheme.py's PyTorch path in one pass
+// (the same float32 operations: scale = max |w| / 127, q = round-half-even(w * (1 / max(scale, tiny)))).
+void dsvl2_q8_quantize(const void* w, int dt, int64_t N, int64_t K, int8_t* qweight, float* scales, int nthreads) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const int64_t K32 = K / 32 * 32;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (N * K >= LAYOUT_PARALLEL_BYTES)
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k0 = n * K;
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i + 8 <= K; i += 8) a = _mm256_max_ps(a, _mm256_and_ps(load8(w, k0 + i, dt), abs_mask));
+    float amax = hmax(a);
+    for (int64_t i = K / 8 * 8; i < K; ++i) amax = std::max(amax, std::fabs(scalar_load(w, k0 + i, dt)));
+    const float scale = amax / 127.0f;
+    const float inverse = 1.0f / std::max(scale, std::numeric_limits<float>::min());
+    const __m256 inv = _mm256_set1_ps(inverse);
+    int8_t* out = qweight + k0;
+    for (int64_t i = 0; i < K32; i += 32) {
+      __m256i v[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m256 x = _mm256_round_ps(_mm256_mul_ps(load8(w, k0 + i + 8 * j, dt), inv),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v[j] = _mm256_cvtps_epi32(x);
+      }
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(p, perm));
+    }
+    for (int64_t i = K32; i < K; ++i) out[i] = static_cast<int8_t>(std::nearbyint(scalar_load(w, k0 + i, dt) * inverse));
+    scales[n] = scale;
   }
 }
 
@@ -513,6 +551,16 @@ PyObject* py_q4_quantize(PyObject*, PyObject* const* args, Py_ssize_t n) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_q8_quantize(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  long long v[7];
+  if (!int_args(args, n, 7, v)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS
+  dsvl2_q8_quantize(reinterpret_cast<const void*>(v[0]), int(v[1]), v[2], v[3], reinterpret_cast<int8_t*>(v[4]),
+                    reinterpret_cast<float*>(v[5]), int(v[6]));
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 PyObject* py_abi(PyObject*, PyObject*) { return PyLong_FromLong(dsvl2_qmatmul_abi()); }
 PyObject* py_tile(PyObject*, PyObject*) { return PyLong_FromLong(dsvl2_qmatmul_tile()); }
 
@@ -527,6 +575,8 @@ PyMethodDef methods[] = {
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_layout<uint16_t, dsvl2_group_tiles>)), METH_FASTCALL,
      nullptr},
     {"dsvl2_q4_quantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_q4_quantize)), METH_FASTCALL,
+     nullptr},
+    {"dsvl2_q8_quantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(py_q8_quantize)), METH_FASTCALL,
      nullptr},
     {"dsvl2_qmatmul_abi", py_abi, METH_NOARGS, nullptr},
     {"dsvl2_qmatmul_tile", py_tile, METH_NOARGS, nullptr},
