@@ -30,8 +30,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from dsvl2.engine.generate import Engine
-from dsvl2.engine.kernels import cpu_flags, cpu_model
 from dsvl2.eval import runner
+from dsvl2.machine import cpu_flags, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")

@@ -48,7 +48,6 @@ from torch.overrides import TorchFunctionMode
 
 from dsvl2.checkpoint import save_model
 from dsvl2.config import load_json, model_config_from_dict, processor_config_from_dict
-from dsvl2.engine.cpu import release_free_memory
 from dsvl2.engine.generate import Engine, Request
 from dsvl2.engine.kernels import (
     FLOAT32,
@@ -56,14 +55,13 @@ from dsvl2.engine.kernels import (
     PACKED,
     KernelPlan,
     choose_kernels,
-    cpu_flags,
-    cpu_model,
     override,
     resolve_kernels,
 )
 from dsvl2.engine.sampling import SamplingParams
 from dsvl2.engine.scheduler import Phase
 from dsvl2.language.moe import MoE
+from dsvl2.machine import cpu_flags, cpu_model, release_free_memory
 from dsvl2.model import DeepseekVL2
 from dsvl2.processor import Processor
 from dsvl2.tokenizer import Tokenizer

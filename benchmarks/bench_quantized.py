@@ -350,11 +350,12 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     bg = bench_generate()
-    from dsvl2.engine.cpu import fbgemm_fp16_available, release_free_memory
+    from dsvl2.engine.cpu import fbgemm_fp16_available
     from dsvl2.engine.generate import Engine, Request
-    from dsvl2.engine.kernels import cpu_flags, keeps_half_weights
+    from dsvl2.engine.kernels import keeps_half_weights
     from dsvl2.engine.sampling import SamplingParams
     from dsvl2.loading import load
+    from dsvl2.machine import cpu_flags, release_free_memory
 
     record: dict[str, Any] = {"mem_available_before": mem_available()}
     kwargs = quantize_kwargs(spec["scheme"], spec.get("group_size"), spec.get("quantize_also", ""))
@@ -429,9 +430,10 @@ def compare_decode(folder: Path, variants: list[str], args: argparse.Namespace) 
     round's ratios to bfloat16 see the same machine load (a shared machine's load changes by the minute).
     The vision tower is dropped after loading (it plays no part in decoding) so that the models fit together."""
     bg = bench_generate()
-    from dsvl2.engine.cpu import fbgemm_fp16_available, release_free_memory
-    from dsvl2.engine.kernels import cpu_flags, keeps_half_weights
+    from dsvl2.engine.cpu import fbgemm_fp16_available
+    from dsvl2.engine.kernels import keeps_half_weights
     from dsvl2.loading import load
+    from dsvl2.machine import cpu_flags, release_free_memory
 
     half_ok = keeps_half_weights(cpu_flags(), fbgemm_fp16_available())
     models, sizes, processor = {}, {}, None

@@ -17,8 +17,6 @@ Two remedies, both computing in float32 while the weights stay 16-bit in memory:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from contextlib import nullcontext
 from typing import Any
 
@@ -26,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from dsvl2.machine import release_free_memory
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -204,20 +204,3 @@ def pack_language(language: nn.Module, decoder: bool, lm_head: bool) -> int:
     release_free_memory()
     return count + (pack_linear_layers(language.model) if decoder else 0)
 
-
-def release_free_memory() -> None:
-    """Return freed heap memory to the system; glibc otherwise keeps the blocks of freed tensors."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()

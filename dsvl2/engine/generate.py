@@ -39,7 +39,6 @@ from dsvl2.engine.kernels import (
     NATIVE_PREFILL_ROWS,
     PACKED,
     KernelPlan,
-    cpu_flags,
     keeps_half_weights,
     resolve_kernels,
 )
@@ -47,6 +46,7 @@ from dsvl2.engine.sampling import SamplingParams, StopStringFilter, make_generat
 from dsvl2.engine.scheduler import Phase, Scheduler, Sequence, contiguous_range
 from dsvl2.errors import InputError, PromptTooLongError
 from dsvl2.loading import load
+from dsvl2.machine import cpu_flags
 
 logger = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ weight to bfloat16 as it runs (dsvl2.engine.cpu.PackedFp16Linear.native_rows).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 
 from dsvl2.engine.cpu import HALF_DTYPES
 from dsvl2.errors import InputError
+from dsvl2.machine import cpu_flags
 
 NATIVE, FLOAT32, PACKED = "native", "float32", "float16-packed"
 PATHS = (NATIVE, FLOAT32, PACKED)
@@ -68,29 +68,6 @@ class KernelPlan:
     def as_dict(self) -> dict[str, str]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-
-def cpu_flags() -> frozenset[str]:
-    """This machine's CPU capability flags: /proc/cpuinfo's (Linux) and PyTorch's own capability name."""
-    flags = {torch.backends.cpu.get_cpu_capability().lower()}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                flags.update(line.partition(":")[2].split())
-                break
-    return frozenset(flags)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo), or the platform's processor string."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def has_native_bf16(flags: frozenset[str] | set[str]) -> bool:

@@ -20,7 +20,7 @@ STOCK_MAX_ROWS_CPU and EXTENSION_MAX_ROWS_CPU); the environment variable DSVL2_Q
 - `dequantize`: dequantize the weight at each call and run F.linear (works for every device and shape).
 
 Shapes that a kernel does not cover fall back to `dequantize`. This module is below the engine: it
-imports only torch.
+imports only torch and dsvl2.machine.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dsvl2.machine import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -282,16 +284,6 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _extension_lock = threading.Lock()
 _extension: tuple[object | None, str] | None = None
 
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's capability flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def isa_options(flags: frozenset[str]) -> tuple[list[str], str] | None:

@@ -7,14 +7,12 @@ replaced by a QuantizedLinear, so the float model is never materialised; a quant
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from dsvl2.machine import release_free_memory
 from dsvl2.quant.linear import QuantizedLinear, quantize_weight
 from dsvl2.quant.scheme import QUANTIZED_DTYPES, QuantScheme, fit_group_size, quantized_shapes
 
@@ -116,23 +114,6 @@ class QuantizingLoader:
         if self.pending:
             raise RuntimeError(f"quantized layers left incomplete: {', '.join(sorted(self.pending))}")
 
-
-def release_free_memory() -> None:
-    """Return freed heap memory to the system (glibc's malloc_trim; nothing elsewhere)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,0 +1,56 @@
+"""What this machine is and how its memory is handed back: the CPU's capability flags and model name, and
+returning freed heap memory to the system. The one place engine, quantization and benchmarks read them."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpuinfo_field(prefix: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with `prefix` (None off Linux or when absent)."""
+    try:
+        for line in CPUINFO.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line.partition(":")[2].strip()
+    except OSError:
+        return None
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU capability flags: /proc/cpuinfo's (Linux) and PyTorch's own capability name."""
+    flags = {torch.backends.cpu.get_cpu_capability().lower()}
+    flags.update((_cpuinfo_field("flags") or "").split())
+    return frozenset(flags)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), or the platform's processor string."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the system; glibc otherwise keeps the blocks of freed tensors, and a load
+    that frees a float weight per quantized or packed layer would grow by all of them."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
