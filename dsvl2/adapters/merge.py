@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,16 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsvl2.checkpoint import CheckpointError
-    from dsvl2.config import ConfigError
+    from dsvl2.cli_common import guarded_run
 
-    try:
-        out = merge_checkpoint(args.model, args.adapter, args.out)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return guarded_run(_merge, args)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    out = merge_checkpoint(args.model, args.adapter, args.out)
     print(f"merged {args.adapter} into {out}")
     return 0
