@@ -101,10 +101,8 @@ def _model_config(args: argparse.Namespace, path: Path | None = None) -> dict:
 
 def run_variant(args: argparse.Namespace) -> dict:
     """Build the trainer in this process, time its steps, report this process's peak memory."""
-    import torch
 
     from dsvl2.train.recipe import recipe_from_dict
-    from dsvl2.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -119,35 +117,44 @@ def run_variant(args: argparse.Namespace) -> dict:
                          "activation_checkpointing": checkpointed, "dtype": args.dtype, "device": args.device},
             "output": {"dir": str(folder / "out"), "progress": False},
         }, folder)
-        started = time.perf_counter()
-        trainer = Trainer(recipe)
-        build_seconds = time.perf_counter() - started
-        device = trainer.dist.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        records = [trainer.train_step() for _ in range(args.warmup + args.steps)]
-        trainer.close()
-        timed = records[args.warmup:]
-        if device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-        else:
-            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
-        seconds = [r["step_seconds"] for r in timed]
-        tokens = timed[0]["tokens"]
-        return {
-            "activation_checkpointing": checkpointed,
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in trainer.model.parameters()),
-            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            "tokens_per_step": tokens,
-            "step_seconds": seconds,
-            "tokens_per_s": tokens * len(seconds) / sum(seconds),
-            "peak_memory_bytes": peak,
-            "peak_memory_kind": kind,
-            "build_seconds": build_seconds,
-            "losses": [r["loss"] for r in records],
-        }
+        return {"activation_checkpointing": checkpointed, **timed_steps(recipe, args.warmup, args.steps)}
+
+
+def timed_steps(recipe: object, warmup: int, steps: int) -> dict:
+    """Build the trainer of `recipe`, run `warmup` then `steps` timed steps, and report the steps' speed and this
+    process's peak memory (the GPU's allocator peak on CUDA)."""
+    import torch
+
+    from dsvl2.train.trainer import Trainer
+
+    started = time.perf_counter()
+    trainer = Trainer(recipe)
+    build_seconds = time.perf_counter() - started
+    device = trainer.dist.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    records = [trainer.train_step() for _ in range(warmup + steps)]
+    trainer.close()
+    timed = records[warmup:]
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+    seconds = [r["step_seconds"] for r in timed]
+    tokens = timed[0]["tokens"]
+    return {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "tokens_per_step": tokens,
+        "step_seconds": seconds,
+        "tokens_per_s": tokens * len(seconds) / sum(seconds),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+        "build_seconds": build_seconds,
+        "losses": [r["loss"] for r in records],
+    }
 
 
 def random_base(raw: dict, quantize: str, dtype) -> object:
@@ -214,7 +221,6 @@ def run_adapter_variant(args: argparse.Namespace) -> dict:
 
     from dsvl2.train import adapters as adapter_runs
     from dsvl2.train.recipe import recipe_from_dict
-    from dsvl2.train.trainer import Trainer
 
     config_path, quantize = ADAPTER_ROWS[args.variant]
     raw = _model_config(args, config_path)
@@ -235,31 +241,11 @@ def run_adapter_variant(args: argparse.Namespace) -> dict:
             "adapter": {"r": args.rank, "alpha": 2 * args.rank, "target_modules": ADAPTER_TARGETS,
                         "base_dtype": args.compute, "quantize": quantize},
         }, folder)
-        started = time.perf_counter()
-        trainer = Trainer(recipe)
-        build_seconds = time.perf_counter() - started
-        device = trainer.dist.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        records = [trainer.train_step() for _ in range(args.warmup + args.steps)]
-        trainer.close()
-    timed = records[args.warmup:]
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
-    seconds = [r["step_seconds"] for r in timed]
+        measured = timed_steps(recipe, args.warmup, args.steps)
     return {
         "variant": args.variant, "quantize": quantize, "compute": args.compute, "rank": args.rank,
         "language_layers": raw["language_config"]["num_hidden_layers"], "vision_layers": raw["vision_config"]["layers"],
-        "activation_checkpointing": True,
-        "device": str(device), "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "tokens_per_step": timed[0]["tokens"], "step_seconds": seconds,
-        "tokens_per_s": timed[0]["tokens"] * len(seconds) / sum(seconds),
-        "peak_memory_bytes": peak, "peak_memory_kind": kind, "build_seconds": build_seconds,
-        "losses": [r["loss"] for r in records],
+        "activation_checkpointing": True, **measured,
     }
 
 
