@@ -21,6 +21,7 @@ from dsvl2.train.errors import TrainError
 from dsvl2.train.recipe import RecipeError, load_recipe, recipe_from_dict
 from dsvl2.train.trainer import Trainer
 from tests.conformance_data import REPO
+from tests.train.interrupt import crash_during_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,23 +75,12 @@ def test_adapter_run_lowers_the_loss_and_saves_only_the_adapter(conf_dir: Path, 
         torch.testing.assert_close(model(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
 
 
-def _crash_during_step(trainer: Trainer, step: int) -> Trainer:
-    real_step = trainer.train_step
-
-    def train_step(*args, **kwargs):
-        if trainer.step + 1 == step:
-            raise KeyboardInterrupt(f"killed during step {step}")
-        return real_step(*args, **kwargs)
-
-    trainer.train_step = train_step
-    return trainer
-
 
 def test_killed_adapter_run_resumes_with_equal_losses(conf_dir: Path, grounding_dir: Path, tmp_path: Path) -> None:
     straight_recipe = _write(tmp_path / "straight.yaml", _raw(conf_dir, grounding_dir, "straight"))
     straight = Trainer(load_recipe(straight_recipe)).train()
     path = _write(tmp_path / "killed.yaml", _raw(conf_dir, grounding_dir, "killed"))
-    first = _crash_during_step(Trainer(load_recipe(path)), 4)
+    first = crash_during_step(Trainer(load_recipe(path)), 4)
     with pytest.raises(KeyboardInterrupt):
         first.train()
     assert [c.name for _, c in list_checkpoints(tmp_path / "killed")] == ["checkpoint-0000002"]

@@ -23,6 +23,7 @@ from dsvl2.train.recipe import load_recipe, recipe_from_dict
 from dsvl2.train.stages import WarmupCosine, correction_bias_deltas, expert_counts, moe_layers, update_correction_bias
 from dsvl2.train.synthetic import generate_dataset
 from dsvl2.train.trainer import Trainer, add_arguments, run
+from tests.train.interrupt import crash_during_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,18 +206,6 @@ def _write_yaml(path: Path, recipe_raw: dict) -> Path:
     return path
 
 
-def _crash_during_step(trainer, step: int):
-    """`trainer`, made to die (KeyboardInterrupt) while computing `step`, after every earlier step was logged."""
-    real_step = trainer.train_step
-
-    def train_step(*args, **kwargs):
-        if trainer.step + 1 == step:
-            raise KeyboardInterrupt(f"killed during step {step}")
-        return real_step(*args, **kwargs)
-
-    trainer.train_step = train_step
-    return trainer
-
 
 def test_resume_after_interruption_gives_the_same_losses(conf_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     raw = {
@@ -233,7 +222,7 @@ def test_resume_after_interruption_gives_the_same_losses(conf_dir: Path, data_di
     straight = Trainer(load_recipe(_write_yaml(tmp_path / "straight.yaml", raw))).train()
     raw["output"]["dir"] = "interrupted"
     path = _write_yaml(tmp_path / "interrupted.yaml", raw)
-    first = _crash_during_step(Trainer(load_recipe(path)), 4)  # between the checkpoints of steps 2 and 4
+    first = crash_during_step(Trainer(load_recipe(path)), 4)  # between the checkpoints of steps 2 and 4
     with pytest.raises(KeyboardInterrupt):
         first.train()
     log = tmp_path / "interrupted" / "log.jsonl"
