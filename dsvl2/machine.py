@@ -6,12 +6,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def _cpuinfo_field(prefix: str) -> str | None:
@@ -30,6 +32,17 @@ def cpu_flags() -> frozenset[str]:
     flags = {torch.backends.cpu.get_cpu_capability().lower()}
     flags.update((_cpuinfo_field("flags") or "").split())
     return frozenset(flags)
+
+
+def has_native_bf16(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 natively (oneDNN's avx512_bf16 or AMX kernels); without, PyTorch's
+    16-bit matmuls are generic loops. `flags`: a capability set (default this machine's, read once)."""
+    return _native_bf16_here() if flags is None else bool(NATIVE_BF16_FLAGS & {f.lower() for f in flags})
+
+
+@cache
+def _native_bf16_here() -> bool:
+    return has_native_bf16(cpu_flags())
 
 
 def cpu_model() -> str:

@@ -10,7 +10,9 @@ Three paths, each a way to multiply the model's matrices:
 - `float16-packed`: the language model's linear layers packed for FBGEMM (float16 weights, float32
   arithmetic), see dsvl2.engine.cpu.pack_linear_layers.
 
-The parts: the vision tower, prefill chunks, decode at small and at large batch, and the lm_head. The
+The parts: the vision tower, prefill chunks, decode at small and at large batch, the lm_head, and the weights
+absorbed MLA attention reads directly (kv_b_proj: `float32` holds them in float32, since PyTorch's 16-bit batched
+matmuls are generic loops where the CPU has no 16-bit arithmetic; the activations are cast to meet them). The
 language model's weights are held once (one copy keeps memory near the checkpoint's size), so decode at
 small and large batch share a path; a `native` prefill over packed weights unpacks each large matmul's
 weight to bfloat16 as it runs (dsvl2.engine.cpu.PackedFp16Linear.native_rows).
@@ -24,17 +26,16 @@ import torch
 
 from dsvl2.engine.cpu import HALF_DTYPES
 from dsvl2.errors import InputError
-from dsvl2.machine import cpu_flags
+from dsvl2.machine import cpu_flags, has_native_bf16
 
 NATIVE, FLOAT32, PACKED = "native", "float32", "float16-packed"
 PATHS = (NATIVE, FLOAT32, PACKED)
-PARTS = ("vision", "prefill", "decode_small", "decode_large", "lm_head")
+PARTS = ("vision", "prefill", "decode_small", "decode_large", "lm_head", "attention")
 # Which paths each part can run; decode in float32 would upcast every weight at every step.
 ALLOWED = {"vision": (NATIVE, FLOAT32), "prefill": (NATIVE, FLOAT32), "decode_small": (NATIVE, PACKED),
-           "decode_large": (NATIVE, PACKED), "lm_head": (NATIVE, PACKED)}
+           "decode_large": (NATIVE, PACKED), "lm_head": (NATIVE, PACKED), "attention": (NATIVE, FLOAT32)}
 # Option names that set several parts at once.
 GROUPS = {"decode": ("decode_small", "decode_large"), "all": PARTS}
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # Packed layers of a native prefill compute a matmul of at least this many rows in bfloat16; fewer rows
 # (decode, a routed expert's share of a chunk) stay on FBGEMM, where unpacking would cost more than it saves.
 NATIVE_PREFILL_ROWS = 64
@@ -53,6 +54,7 @@ class KernelPlan:
     decode_small: str
     decode_large: str
     lm_head: str
+    attention: str = NATIVE
     reason: str = ""
 
     @property
@@ -69,26 +71,21 @@ class KernelPlan:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-
-def has_native_bf16(flags: frozenset[str] | set[str]) -> bool:
-    return bool(NATIVE_BF16_FLAGS & {f.lower() for f in flags})
-
-
 def choose_kernels(flags: frozenset[str] | set[str], device: torch.device, dtype: torch.dtype,
                    fbgemm_fp16: bool = True) -> KernelPlan:
     """The automatic plan for a model of `dtype` on `device`, on a CPU with capability `flags`.
 
     Pure: the flags, the device, the dtype and whether this PyTorch has FBGEMM's float16 kernels decide."""
     if device.type != "cpu" or dtype not in HALF_DTYPES:
-        return KernelPlan(NATIVE, NATIVE, NATIVE, NATIVE, NATIVE, f"{dtype_name(dtype)} on {device.type}")
+        return KernelPlan(NATIVE, NATIVE, NATIVE, NATIVE, NATIVE, reason=f"{dtype_name(dtype)} on {device.type}")
     # FBGEMM's float16 packing reads half the bytes of float32 and runs at bandwidth: the fastest decode
     # measured on every CPU (with or without native bfloat16).
     decode = PACKED if fbgemm_fp16 else NATIVE
     if dtype == torch.bfloat16 and has_native_bf16(flags):
         # The CPU multiplies bfloat16 natively (oneDNN): twice float32's arithmetic for compute-bound parts.
-        return KernelPlan(NATIVE, NATIVE, decode, decode, decode, "the CPU computes bfloat16 natively")
+        return KernelPlan(NATIVE, NATIVE, decode, decode, decode, reason="the CPU computes bfloat16 natively")
     # Without native 16-bit arithmetic PyTorch's 16-bit matmuls are generic loops: compute in float32.
-    return KernelPlan(FLOAT32, FLOAT32, decode, decode, decode, "no native 16-bit arithmetic on this CPU")
+    return KernelPlan(FLOAT32, FLOAT32, decode, decode, decode, FLOAT32, "no native 16-bit arithmetic on this CPU")
 
 
 def keeps_half_weights(flags: frozenset[str] | set[str], fbgemm_fp16: bool) -> bool:
@@ -118,6 +115,8 @@ def override(plan: KernelPlan, text: str | None) -> KernelPlan:
                     f"--kernels: {entry.strip()!r} is not PART=PATH (parts: {', '.join((*PARTS, *GROUPS))})")
             for part in GROUPS.get(name, (name,)):
                 changes[part] = path
+    if changes.get("prefill") == NATIVE and "attention" not in changes:
+        changes["attention"] = NATIVE  # a native prefill multiplies by kv_b_proj too: it keeps its dtype
     for part, path in changes.items():
         if path not in ALLOWED[part]:
             raise KernelChoiceError(f"--kernels: {part} cannot run {path!r} (it runs {' or '.join(ALLOWED[part])})")
@@ -126,7 +125,7 @@ def override(plan: KernelPlan, text: str | None) -> KernelPlan:
 
 def check_option(text: str | None) -> None:
     """Raise KernelChoiceError for a --kernels value that no model could run (checked before loading weights)."""
-    override(KernelPlan(FLOAT32, FLOAT32, PACKED, PACKED, PACKED), text)
+    override(KernelPlan(FLOAT32, FLOAT32, PACKED, PACKED, PACKED, FLOAT32), text)
 
 
 def validate(plan: KernelPlan) -> KernelPlan:
@@ -134,6 +133,9 @@ def validate(plan: KernelPlan) -> KernelPlan:
     if plan.decode_small != plan.decode_large:
         raise KernelChoiceError("--kernels: decode at small and large batch must share a path "
                                 "(the language model's weights are held once)")
+    if plan.attention == FLOAT32 and plan.prefill != FLOAT32:
+        raise KernelChoiceError("--kernels: attention=float32 needs prefill=float32 (prefill multiplies by the "
+                                "same kv_b_proj weights, then held in float32)")
     return plan
 
 

@@ -39,8 +39,14 @@ class _QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        weight = ctx.prepared.dequantize().to(device=grad.device, dtype=grad.dtype)
-        return grad @ weight, None
+        from dsvl2 import machine
+
+        compute = grad.dtype
+        if grad.device.type == "cpu" and compute in (torch.bfloat16, torch.float16) and not (
+                compute == torch.bfloat16 and machine.has_native_bf16()):
+            compute = torch.float32  # a CPU without native 16-bit arithmetic runs 16-bit matmuls as generic loops
+        weight = ctx.prepared.dequantize().to(device=grad.device, dtype=compute)
+        return (grad.to(compute) @ weight).to(grad.dtype), None
 
 
 class QuantizedLinear(nn.Module):

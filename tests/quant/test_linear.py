@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsvl2 import machine
 from dsvl2.config import ConfigError
 from dsvl2.quant import kernels
 from dsvl2.quant.kernels import ENV_KERNEL, dequantize_int4, dequantize_int8, unpack_int4
@@ -71,6 +72,22 @@ def test_gradient_reaches_the_input_as_through_the_dequantized_weight(scheme: Qu
     F.linear(reference, dequantized(layer)).backward(grad_out)
     assert torch.allclose(x.grad, reference.grad, atol=1e-5, rtol=1e-4)
     assert not any(p.requires_grad for p in layer.quantized.parameters())  # the weight gets no gradient
+
+
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["avx2", "avx512_bf16"])
+def test_bfloat16_gradient_is_computed_in_float32_where_the_cpu_has_no_native_bfloat16(
+        native_bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(machine, "has_native_bf16", lambda flags=None: native_bf16)
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 48, bias=False), QuantScheme(4, 32))
+    x = torch.randn(3, 256).to(torch.bfloat16).requires_grad_(True)
+    grad_out = torch.randn(3, 48).to(torch.bfloat16)
+    layer(x).backward(grad_out)
+    assert x.grad.dtype == torch.bfloat16
+    if native_bf16:  # bfloat16 arithmetic, the weight rounded to bfloat16 first
+        expected = grad_out @ dequantized(layer).to(torch.bfloat16)
+    else:  # the float32 product of the float32 dequantized weight, rounded once at the end
+        expected = (grad_out.float() @ dequantized(layer)).to(torch.bfloat16)
+    assert torch.equal(x.grad, expected)
 
 
 def test_int8_error_is_small_and_rows_use_their_own_scale() -> None:
