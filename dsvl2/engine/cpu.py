@@ -204,3 +204,16 @@ def pack_language(language: nn.Module, decoder: bool, lm_head: bool) -> int:
     release_free_memory()
     return count + (pack_linear_layers(language.model) if decoder else 0)
 
+
+
+def widen_absorbed_weights(language: nn.Module) -> int:
+    """Hold the kv_b_proj weights of every MLA layer under `language` in float32, in place (the attention part's
+    float32 path, dsvl2.engine.kernels); returns how many. Layers wrapped by an adapter keep their dtype."""
+    count = 0
+    for module in language.modules():
+        layer = getattr(module, "kv_b_proj", None)
+        if type(layer) is nn.Linear and layer.weight.dtype in HALF_DTYPES:
+            layer.weight.data = layer.weight.data.float()
+            count += 1
+    release_free_memory()
+    return count

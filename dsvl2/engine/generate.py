@@ -32,7 +32,13 @@ import torch
 from dsvl2.adapters.lora import selection_of
 from dsvl2.config import ModelFolder
 from dsvl2.engine.cache import KVCache
-from dsvl2.engine.cpu import fbgemm_fp16_available, float32_compute, pack_language, set_native_rows
+from dsvl2.engine.cpu import (
+    fbgemm_fp16_available,
+    float32_compute,
+    pack_language,
+    set_native_rows,
+    widen_absorbed_weights,
+)
 from dsvl2.engine.kernels import (
     FLOAT32,
     NATIVE,
@@ -47,6 +53,7 @@ from dsvl2.engine.scheduler import Phase, Scheduler, Sequence, contiguous_range
 from dsvl2.errors import InputError, PromptTooLongError
 from dsvl2.loading import load
 from dsvl2.machine import cpu_flags
+from dsvl2.quant.experts import fuse_experts
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +234,9 @@ class Engine:
         language = self._model.language
         packed = pack_language(language, decoder=plan.decode_small == PACKED, lm_head=plan.lm_head == PACKED)
         set_native_rows(language, NATIVE_PREFILL_ROWS if plan.prefill == NATIVE else None)
+        if plan.attention == FLOAT32:
+            widen_absorbed_weights(language)
+        fuse_experts(language)  # quantized experts: one kernel call per MoE layer where the C++ kernels run them
         return packed
 
     @classmethod

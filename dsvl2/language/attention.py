@@ -166,12 +166,16 @@ class MultiHeadLatentAttention(nn.Module):
         """Attention in the latent space: kv_b_proj's key half is folded into the query and its
         value half applied after the weighted sum; returns [B, H, T, v_dim]."""
         w_k, w_v = self.kv_b_weights()
+        dtype = q_nope.dtype
+        # kv_b_proj may be held in a wider dtype than the activations (dsvl2.engine.kernels' attention part):
+        # the products then run in the weight's dtype.
+        q_nope, q_pe, latent, k_pe = (t.to(w_k.dtype) for t in (q_nope, q_pe, latent, k_pe))
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_k)
         scores = torch.einsum("bhtr,blr->bhtl", q_latent, latent) + torch.einsum("bhtd,bld->bhtl", q_pe, k_pe)
         scores = (scores.float() * self.scale).masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(latent.dtype)
         context = torch.einsum("bhtl,blr->bhtr", probs, latent)
-        return torch.einsum("bhtr,hvr->bhtv", context, w_v)
+        return torch.einsum("bhtr,hvr->bhtv", context, w_v).to(dtype)
 
 
 def build_attention(cfg: LanguageConfig, layer: int) -> nn.Module:

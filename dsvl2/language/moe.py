@@ -125,15 +125,21 @@ class MoE(nn.Module):
             self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         else:
             self.shared_experts = None
+        # A kernel running the routed and shared experts in one call (dsvl2.quant.experts attaches one to layers
+        # it can run); None, or where it declines an input: the experts run as written below.
+        self.fused = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """x [B, T, D] -> (output, auxiliary loss in training mode else None, expert indices [B*T, k])."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, indices, scores = self.gate(flat)
-        out = run_experts(self.experts, flat, weights, indices).view(b, t, d)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if self.fused is not None and self.fused.applies(flat):
+            out = self.fused(flat, weights, indices).view(b, t, d)
+        else:
+            out = run_experts(self.experts, flat, weights, indices).view(b, t, d)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(x)
         aux = None
         if self.training and self.cfg.aux_loss_alpha > 0 and self.cfg.topk_method != "noaux_tc":
             if self.cfg.seq_aux:

@@ -278,7 +278,7 @@ class Int4StockCPU(Prepared):
 # The C++ extension (csrc/qmatmul.cpp): built once per machine with flags chosen from the CPU, loaded via ctypes
 
 SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
-ABI_VERSION = 4
+ABI_VERSION = 5
 TILE = 4  # output rows per tile of the C++ kernels' weight layout (dsvl2_qmatmul_tile)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _extension_lock = threading.Lock()
@@ -349,6 +349,8 @@ def _bind(path: Path, python: bool):
         lib.dsvl2_q8_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, i64, ptr, c_int]
         lib.dsvl2_q4_matmul.argtypes = [ptr, c_int, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
         lib.dsvl2_q8_matmul.restype = lib.dsvl2_q4_matmul.restype = c_int
+        lib.dsvl2_moe.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, ptr, ptr, i64, ptr, c_int]
+        lib.dsvl2_moe.restype = c_int
         for layout in (lib.dsvl2_q8_layout, lib.dsvl2_q4_layout, lib.dsvl2_group_tiles):
             layout.argtypes, layout.restype = [ptr, i64, i64, ptr, c_int], None
         lib.dsvl2_q4_quantize.argtypes = [ptr, c_int, i64, i64, i64, ptr, ptr, ptr, c_int]

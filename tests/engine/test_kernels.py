@@ -43,18 +43,18 @@ AMX = AVX512_BF16 | {"amx_bf16", "amx_tile", "amx_int8"}
 
 
 def parts(plan: KernelPlan) -> tuple[str, ...]:
-    return plan.vision, plan.prefill, plan.decode_small, plan.decode_large, plan.lm_head
+    return plan.vision, plan.prefill, plan.decode_small, plan.decode_large, plan.lm_head, plan.attention
 
 
 # ------------------------------------------------------------------------------ the choice
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    (AVX2, (FLOAT32, FLOAT32, PACKED, PACKED, PACKED)),
-    (AVX512, (FLOAT32, FLOAT32, PACKED, PACKED, PACKED)),
-    (AVX512_BF16, (NATIVE, NATIVE, PACKED, PACKED, PACKED)),
-    (AMX, (NATIVE, NATIVE, PACKED, PACKED, PACKED)),
-    (AVX512 | {"amx_bf16", "amx_tile"}, (NATIVE, NATIVE, PACKED, PACKED, PACKED)),  # AMX decides alone too
+    (AVX2, (FLOAT32, FLOAT32, PACKED, PACKED, PACKED, FLOAT32)),
+    (AVX512, (FLOAT32, FLOAT32, PACKED, PACKED, PACKED, FLOAT32)),
+    (AVX512_BF16, (NATIVE, NATIVE, PACKED, PACKED, PACKED, NATIVE)),
+    (AMX, (NATIVE, NATIVE, PACKED, PACKED, PACKED, NATIVE)),
+    (AVX512 | {"amx_bf16", "amx_tile"}, (NATIVE, NATIVE, PACKED, PACKED, PACKED, NATIVE)),  # AMX decides alone too
 ], ids=["avx2", "avx512", "avx512_bf16", "amx", "amx_without_avx512_bf16_flag"])
 def test_bfloat16_plan_for_each_cpu(flags: frozenset[str], expected: tuple[str, ...]) -> None:
     plan = choose_kernels(flags, CPU, BF16)
@@ -72,9 +72,10 @@ def test_every_capability_set_with_and_without_fbgemm_and_on_cuda(name: str, fbg
     native_bf16 = name in ("avx512_bf16", "amx")
     compute = NATIVE if native_bf16 else FLOAT32
     decode = PACKED if fbgemm else NATIVE
-    assert parts(choose_kernels(flags, CPU, BF16, fbgemm)) == (compute, compute, decode, decode, decode)
+    assert parts(choose_kernels(flags, CPU, BF16, fbgemm)) == (compute, compute, decode, decode, decode, compute)
     # float16 is never native on a CPU; a GPU and a float32 model always run PyTorch's own kernels.
-    assert parts(choose_kernels(flags, CPU, torch.float16, fbgemm)) == (FLOAT32, FLOAT32, decode, decode, decode)
+    assert parts(choose_kernels(flags, CPU, torch.float16, fbgemm)) == (FLOAT32, FLOAT32, decode, decode, decode,
+                                                                        FLOAT32)
     for device, dtype in ((torch.device("cuda"), BF16), (torch.device("cuda"), torch.float32), (CPU, torch.float32)):
         plan = choose_kernels(flags, device, dtype, fbgemm)
         assert set(parts(plan)) == {NATIVE} and not plan.packs_language
@@ -82,7 +83,8 @@ def test_every_capability_set_with_and_without_fbgemm_and_on_cuda(name: str, fbg
 
 
 def test_without_fbgemm_decode_is_native_and_only_native_bf16_keeps_16_bit_weights() -> None:
-    assert parts(choose_kernels(AVX2, CPU, BF16, fbgemm_fp16=False)) == (FLOAT32, FLOAT32, NATIVE, NATIVE, NATIVE)
+    assert parts(choose_kernels(AVX2, CPU, BF16, fbgemm_fp16=False)) == (FLOAT32, FLOAT32, NATIVE, NATIVE, NATIVE,
+                                                                         FLOAT32)
     assert not keeps_half_weights(AVX2, fbgemm_fp16=False)
     assert keeps_half_weights(AVX512_BF16, fbgemm_fp16=False)
 
@@ -98,7 +100,10 @@ def test_overrides() -> None:
     assert override(auto, "auto") == auto and override(auto, None) == auto
     assert set(parts(override(auto, "native"))) == {NATIVE}
     assert parts(override(auto, "float16-packed")) == parts(auto)  # vision and prefill cannot be packed
-    assert parts(override(auto, "vision=native, decode=native")) == (NATIVE, FLOAT32, NATIVE, NATIVE, PACKED)
+    assert parts(override(auto, "vision=native, decode=native")) == (NATIVE, FLOAT32, NATIVE, NATIVE, PACKED, FLOAT32)
+    # A native prefill takes the attention weights along (it multiplies by them too), unless both are named.
+    assert override(auto, "prefill=native").attention == NATIVE
+    assert override(auto, "attention=native").prefill == FLOAT32
     assert override(auto, "native").reason == "--kernels native"
 
 
@@ -108,6 +113,8 @@ def test_overrides() -> None:
     ("vision=float16-packed", "vision cannot run 'float16-packed'"),
     ("decode=float32", "decode_small cannot run 'float32'"),
     ("decode_large=native", "decode at small and large batch must share a path"),
+    ("prefill=native,attention=float32", "attention=float32 needs prefill=float32"),
+    ("attention=float16-packed", "attention cannot run 'float16-packed'"),
 ])
 def test_bad_overrides_name_the_problem(value: str, message: str) -> None:
     with pytest.raises(KernelChoiceError, match=message):
@@ -241,3 +248,18 @@ def test_stored_dtype_and_a_bad_kernels_option_on_the_command_line() -> None:
     args = parser.parse_args(["--model", str(root / "absent"), "--kernels", "prefill=fast"])
     with pytest.raises(InputError, match="prefill cannot run 'fast'"):
         load_engine(args, progress=False)
+
+
+@pytestmark_fixtures
+@needs_fbgemm
+@pytest.mark.usefixtures("one_thread")
+def test_float32_attention_holds_kv_b_proj_in_float32_and_gives_the_greedy_tokens() -> None:
+    """MLA's absorbed path reads kv_b_proj directly: the float32 attention path holds it in float32 and casts the
+    bfloat16 activations to meet it."""
+    root = conformance_dir() / "small_like"
+    engine = Engine(load_model(root, dtype=BF16), Processor.from_pretrained(root), kernels=PLANS["avx2_auto"])
+    assert engine.kernels.attention == FLOAT32
+    layers = [m.kv_b_proj for m in engine.model.language.modules() if hasattr(m, "kv_b_proj")]
+    assert layers and {layer.weight.dtype for layer in layers} == {torch.float32}
+    completions = engine.generate_batch([case_request(c) for c in GREEDY_CASES])
+    assert [c.token_ids for c in completions] == [expected_tokens("small_like", c) for c in GREEDY_CASES]
