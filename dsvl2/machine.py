@@ -40,6 +40,12 @@ def has_native_bf16(flags: frozenset[str] | set[str] | None = None) -> bool:
     return _native_bf16_here() if flags is None else bool(NATIVE_BF16_FLAGS & {f.lower() for f in flags})
 
 
+def computes_natively(dtype: torch.dtype, flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether the CPU multiplies matrices of `dtype` with its own arithmetic: float32 always, bfloat16 where
+    `has_native_bf16`, float16 never (PyTorch has no native float16 CPU matmul)."""
+    return dtype not in (torch.bfloat16, torch.float16) or (dtype == torch.bfloat16 and has_native_bf16(flags))
+
+
 @cache
 def _native_bf16_here() -> bool:
     return has_native_bf16(cpu_flags())

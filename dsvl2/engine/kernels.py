@@ -26,7 +26,7 @@ import torch
 
 from dsvl2.engine.cpu import HALF_DTYPES
 from dsvl2.errors import InputError
-from dsvl2.machine import cpu_flags, has_native_bf16
+from dsvl2.machine import computes_natively, cpu_flags, has_native_bf16
 
 NATIVE, FLOAT32, PACKED = "native", "float32", "float16-packed"
 PATHS = (NATIVE, FLOAT32, PACKED)
@@ -81,7 +81,7 @@ def choose_kernels(flags: frozenset[str] | set[str], device: torch.device, dtype
     # FBGEMM's float16 packing reads half the bytes of float32 and runs at bandwidth: the fastest decode
     # measured on every CPU (with or without native bfloat16).
     decode = PACKED if fbgemm_fp16 else NATIVE
-    if dtype == torch.bfloat16 and has_native_bf16(flags):
+    if computes_natively(dtype, flags):
         # The CPU multiplies bfloat16 natively (oneDNN): twice float32's arithmetic for compute-bound parts.
         return KernelPlan(NATIVE, NATIVE, decode, decode, decode, reason="the CPU computes bfloat16 natively")
     # Without native 16-bit arithmetic PyTorch's 16-bit matmuls are generic loops: compute in float32.

@@ -153,8 +153,10 @@ def settle(scheme: QuantScheme, cfg: ModelConfig) -> QuantScheme:
     return fit_group_size(scheme, widths)
 
 
-def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | None) -> int:
-    """Bytes of the model's parameters in `dtype` with `scheme`'s layers quantized (scales and mins included)."""
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | None,
+                 float32_layers: tuple[str, ...] = ()) -> int:
+    """Bytes of the model's parameters in `dtype` with `scheme`'s layers quantized (scales and mins included);
+    floating-point layers whose names end with one of `float32_layers` are held in float32 whatever `dtype`."""
     items = inventory(cfg)
     size = torch.empty(0, dtype=dtype).element_size()
     if scheme is not None:
@@ -166,7 +168,7 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | Non
             bits = None
         n, k = lin.out_features, lin.in_features
         if bits is None:
-            weight = n * k * size
+            weight = n * k * (4 if float32_layers and lin.name.endswith(float32_layers) else size)
         elif bits == 8:
             weight = n * k + 4 * n
         else:
@@ -182,9 +184,10 @@ def kv_cache_bytes(cfg: LanguageConfig, dtype: torch.dtype, slots: int, max_len:
     return per_token * size * cfg.num_hidden_layers * slots * (max_len or cfg.max_position_embeddings)
 
 
-def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | None, reserve: int = 0) -> int:
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | None, reserve: int = 0,
+                   float32_layers: tuple[str, ...] = ()) -> int:
     """What loading the model needs resident: its weights, `reserve` (e.g. the KV cache) and the runtime."""
-    return weight_bytes(cfg, dtype, scheme) + reserve + RUNTIME_BYTES
+    return weight_bytes(cfg, dtype, scheme, float32_layers) + reserve + RUNTIME_BYTES
 
 
 def available_bytes(device: torch.device, meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -201,13 +204,14 @@ def available_bytes(device: torch.device, meminfo: Path = Path("/proc/meminfo"))
 
 
 def check_fits(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | None, available: int | None,
-               reserve: int = 0, can_quantize: bool = True, where: str = "this machine") -> None:
+               reserve: int = 0, can_quantize: bool = True, where: str = "this machine",
+               float32_layers: tuple[str, ...] = ()) -> None:
     """Raise MemoryFitError when the model needs more than `available` bytes (None: unknown, no check), saying
     how much it needs, how much there is and which --quantize choice fits (`can_quantize`: the checkpoint is
-    floating point, so a choice can be made)."""
+    floating point, so a choice can be made; `float32_layers`: see `weight_bytes`)."""
     if available is None:
         return
-    needed = resident_bytes(cfg, dtype, scheme, reserve)
+    needed = resident_bytes(cfg, dtype, scheme, reserve, float32_layers)
     if needed <= available:
         return
     fits = []
@@ -215,7 +219,7 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | None,
         for choice, option in (("int8", QuantScheme(8)), ("int4", QuantScheme(4))):
             if scheme is not None and option.bits >= scheme.bits:
                 continue
-            size = resident_bytes(cfg, dtype, option, reserve)
+            size = resident_bytes(cfg, dtype, option, reserve, float32_layers)
             if size <= available:
                 fits.append(f"--quantize {choice} (about {size / GB:.1f} GB)")
     advice = f"{' or '.join(fits)} fits" if fits else "no --quantize choice fits"

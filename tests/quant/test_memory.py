@@ -16,6 +16,7 @@ import torch
 
 from dsvl2.checkpoint import CheckpointError, build_model, load_model, save_model
 from dsvl2.config import load_json, model_config_from_dict
+from dsvl2.engine.cpu import widen_absorbed_weights
 from dsvl2.loading import load
 from dsvl2.model import init_weights
 from dsvl2.quant.kernels import ENV_KERNEL
@@ -151,3 +152,19 @@ def test_quantize_at_load_peaks_near_the_quantized_size(tmp_path: Path) -> None:
     # quantizer (no float32 copies; 0.35 GB through PyTorch ops, 0.47 GB without returning the freed float copies to
     # the system as it goes).
     assert peak - before < 1.3 * quantized_kb < 0.6 * file_kb, (peak - before, quantized_kb, file_kb)
+
+
+@needs_fixtures
+def test_kv_b_proj_held_in_float32_is_counted_as_the_engine_holds_it() -> None:
+    """On a CPU without bfloat16 arithmetic the engine widens MLA's kv_b_proj (the attention part's float32 path);
+    the estimate counts those weights at 4 bytes."""
+    root = conformance_dir() / "small_like"
+    model = load_model(root, dtype=torch.bfloat16, quantize=QuantScheme(8))
+    widened = widen_absorbed_weights(model.language)
+    assert widened == model.cfg.language.num_hidden_layers
+    assert weight_bytes(model.cfg, torch.bfloat16, QuantScheme(8), ("kv_b_proj",)) == resident_tensor_bytes(model)
+    cfg = small_config()
+    kv_b = cfg.language.num_hidden_layers * cfg.language.kv_lora_rank * cfg.language.num_attention_heads * 256
+    extra = weight_bytes(cfg, torch.bfloat16, QuantScheme(4), ("kv_b_proj",)) - weight_bytes(cfg, torch.bfloat16,
+                                                                                              QuantScheme(4))
+    assert extra == 2 * kv_b
