@@ -206,11 +206,15 @@ def pack_language(language: nn.Module, decoder: bool, lm_head: bool) -> int:
 
 
 
-def widen_absorbed_weights(language: nn.Module) -> int:
-    """Hold the kv_b_proj weights of every MLA layer under `language` in float32, in place (the attention part's
-    float32 path, dsvl2.engine.kernels); returns how many. Layers wrapped by an adapter keep their dtype."""
+def float32_attention(language: nn.Module) -> int:
+    """The attention part's float32 path (dsvl2.engine.kernels), in place: multi-head layers compute attention in
+    float32, and MLA layers hold kv_b_proj (read directly by absorbed decoding) in float32; returns how many layers.
+    An MLA layer whose kv_b_proj an adapter wraps keeps its dtype."""
     count = 0
     for module in language.modules():
+        if hasattr(module, "compute_dtype"):
+            module.compute_dtype = torch.float32
+            count += 1
         layer = getattr(module, "kv_b_proj", None)
         if type(layer) is nn.Linear and layer.weight.dtype in HALF_DTYPES:
             layer.weight.data = layer.weight.data.float()

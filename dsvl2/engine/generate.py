@@ -34,10 +34,10 @@ from dsvl2.config import ModelFolder
 from dsvl2.engine.cache import KVCache
 from dsvl2.engine.cpu import (
     fbgemm_fp16_available,
+    float32_attention,
     float32_compute,
     pack_language,
     set_native_rows,
-    widen_absorbed_weights,
 )
 from dsvl2.engine.kernels import (
     FLOAT32,
@@ -235,7 +235,7 @@ class Engine:
         packed = pack_language(language, decoder=plan.decode_small == PACKED, lm_head=plan.lm_head == PACKED)
         set_native_rows(language, NATIVE_PREFILL_ROWS if plan.prefill == NATIVE else None)
         if plan.attention == FLOAT32:
-            widen_absorbed_weights(language)
+            float32_attention(language)
         fuse_experts(language)  # quantized experts: one kernel call per MoE layer where the C++ kernels run them
         return packed
 

@@ -49,6 +49,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        # The dtype the attention products run in (None: the activations'); dsvl2.engine.kernels' attention part
+        # sets float32 where the CPU has no 16-bit arithmetic.
+        self.compute_dtype: torch.dtype | None = None
 
     def forward(
         self,
@@ -69,7 +72,8 @@ class MultiHeadAttention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
+        dtype = self.compute_dtype or q.dtype
+        out = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, self.head_dim**-0.5).to(q.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

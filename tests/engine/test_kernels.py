@@ -263,3 +263,13 @@ def test_float32_attention_holds_kv_b_proj_in_float32_and_gives_the_greedy_token
     assert layers and {layer.weight.dtype for layer in layers} == {torch.float32}
     completions = engine.generate_batch([case_request(c) for c in GREEDY_CASES])
     assert [c.token_ids for c in completions] == [expected_tokens("small_like", c) for c in GREEDY_CASES]
+
+
+@pytestmark_fixtures
+@needs_fbgemm
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("plan_name", ["avx2_auto", "avx512_bf16_auto"])
+def test_multi_head_attention_computes_in_float32_only_on_the_float32_attention_path(plan_name: str) -> None:
+    engine = engine_for(plan_name)  # tiny_like: multi-head attention; its greedy tokens are checked above
+    dtypes = {m.compute_dtype for m in engine.model.language.modules() if hasattr(m, "compute_dtype")}
+    assert dtypes == ({torch.float32} if engine.kernels.attention == FLOAT32 else {None})

@@ -16,7 +16,7 @@ import torch
 
 from dsvl2.checkpoint import CheckpointError, build_model, load_model, save_model
 from dsvl2.config import load_json, model_config_from_dict
-from dsvl2.engine.cpu import widen_absorbed_weights
+from dsvl2.engine.cpu import float32_attention
 from dsvl2.loading import load
 from dsvl2.model import init_weights
 from dsvl2.quant.kernels import ENV_KERNEL
@@ -160,7 +160,7 @@ def test_kv_b_proj_held_in_float32_is_counted_as_the_engine_holds_it() -> None:
     the estimate counts those weights at 4 bytes."""
     root = conformance_dir() / "small_like"
     model = load_model(root, dtype=torch.bfloat16, quantize=QuantScheme(8))
-    widened = widen_absorbed_weights(model.language)
+    widened = float32_attention(model.language)
     assert widened == model.cfg.language.num_hidden_layers
     assert weight_bytes(model.cfg, torch.bfloat16, QuantScheme(8), ("kv_b_proj",)) == resident_tensor_bytes(model)
     cfg = small_config()
