@@ -61,8 +61,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
                         help="int4 group size along the input dimension (default 64, or 32 where 64 does not divide "
                              "a layer)")
-    parser.add_argument("--quantize-also", default="", metavar="PARTS",
-                        help="with --quantize, also quantize these parts in int8: lm_head, vision (comma-separated)")
+    parser.add_argument("--quantize-also", default=None, metavar="PARTS",
+                        help="with --quantize, the parts quantized in int8 besides the decoder layers: lm_head, vision "
+                             "(comma-separated; default lm_head; none: only the decoder layers)")
     parser.add_argument("--no-memory-check", action="store_true",
                         help="load even when the estimated memory exceeds what is available")
 

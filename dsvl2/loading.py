@@ -114,7 +114,7 @@ def load(
     cpu_half: bool = False,
     quantize: str | QuantScheme | None = None,
     group_size: int | None = None,
-    quantize_also: str | tuple[str, ...] = (),
+    quantize_also: str | tuple[str, ...] | None = None,
     check_memory: bool = True,
     cache_slots: int = 0,
     cache_len: int | None = None,
@@ -124,7 +124,8 @@ def load(
     `cpu_half`: an automatic dtype on a CPU keeps a 16-bit checkpoint's dtype (see `choose_dtype`).
 
     `quantize`: "int8" or "int4" quantizes the language model's linear layers as they are read (`group_size`:
-    int4's, default 64; `quantize_also`: "lm_head", "vision" in int8 too), "none" keeps floating point, None loads
+    int4's, default 64; `quantize_also`: "lm_head", "vision" in int8 too, default the lm_head, "none" neither),
+    "none" keeps floating point, None loads
     what the checkpoint holds (a quantized checkpoint loads quantized). `check_memory`: stop before reading any
     weight when the model (with a KV cache of `cache_slots` sequences of `cache_len` tokens, the model's context
     when None) needs more memory than the device has free (dsvl2.quant.memory).

@@ -250,7 +250,7 @@ class Engine:
         adapters: dict[str, str | Path] | None = None,
         quantize: str | None = None,
         group_size: int | None = None,
-        quantize_also: str | tuple[str, ...] = (),
+        quantize_also: str | tuple[str, ...] | None = None,
         check_memory: bool = True,
         **kwargs: Any,
     ) -> Engine:

@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="8: int8, one scale per output channel; 4: int4, groups along the input dimension")
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None,
                         help="int4 group size (default 64, or 32 where 64 does not divide a layer)")
-    parser.add_argument("--quantize-also", default="", metavar="PARTS",
-                        help="also quantize these parts in int8: lm_head, vision (comma-separated)")
+    parser.add_argument("--quantize-also", default=None, metavar="PARTS",
+                        help="the parts quantized in int8 besides the decoder layers: lm_head, vision "
+                             "(comma-separated; default lm_head; none: only the decoder layers)")
     parser.add_argument("--shard-size-gb", type=float, default=2.0,
                         help="largest safetensors file written, in GB (default 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -16,7 +16,7 @@ import torch
 
 from dsvl2.config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 from dsvl2.errors import InputError
-from dsvl2.quant.scheme import DEFAULT_GROUP_SIZE, QuantScheme, fit_group_size
+from dsvl2.quant.scheme import DEFAULT_GROUP_SIZE, QuantScheme, fit_group_size, parse_scheme
 
 GB = 1e9
 # PyTorch, the tokenizer and Python's own objects: what a loaded process holds besides its tensors.
@@ -216,7 +216,7 @@ def check_fits(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | None,
         return
     fits = []
     if can_quantize:
-        for choice, option in (("int8", QuantScheme(8)), ("int4", QuantScheme(4))):
+        for choice, option in (("int8", parse_scheme("int8")), ("int4", parse_scheme("int4"))):
             if scheme is not None and option.bits >= scheme.bits:
                 continue
             size = resident_bytes(cfg, dtype, option, reserve, float32_layers)
@@ -250,7 +250,7 @@ def released_memory_table() -> str:
             continue
         cfg = model_config_from_dict(load_json(path))
         sizes = [weight_bytes(cfg, torch.bfloat16, scheme) / GB
-                 for scheme in (None, QuantScheme(8), QuantScheme(4, DEFAULT_GROUP_SIZE))]
+                 for scheme in (None, parse_scheme("int8"), parse_scheme("int4", DEFAULT_GROUP_SIZE))]
         rows.append(f"{title} {' / '.join(f'{size:.1f}' for size in sizes)} GB")
     if not rows:
         return ""

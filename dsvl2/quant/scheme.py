@@ -30,6 +30,11 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
 # Parts quantized on request besides the language model's decoder layers; always int8 (per output channel).
 EXTRA_PARTS = ("lm_head", "vision")
+# What --quantize int8|int4 quantizes besides the decoder layers unless --quantize-also says otherwise: the
+# lm_head is the largest single matrix a decode step reads (Tiny: 0.33 of the 0.57 GB an int4 step reads with it
+# in bfloat16), and int8 per output channel moves the bundled model's scores by at most 0.007
+# (benchmarks/notes_quantized.md).
+DEFAULT_EXTRA = ("lm_head",)
 # Rows quantized at a time: float32 temporaries stay near this many elements, not a whole weight's.
 BLOCK_ELEMENTS = 1 << 22
 TINY = torch.finfo(torch.float32).tiny  # divides an all-zero row or constant group without a NaN
@@ -141,12 +146,15 @@ def resolve_scheme(asked: QuantScheme | str | None, stored: QuantScheme | None) 
 
 
 def parse_scheme(choice: str | QuantScheme | None, group_size: int | None = None,
-                 extra: str | tuple[str, ...] = ()) -> QuantScheme | str | None:
+                 extra: str | tuple[str, ...] | None = None) -> QuantScheme | str | None:
     """What `--quantize CHOICE [--group-size N] [--quantize-also PARTS]` asks for: a scheme, "none" (floating
-    point), or None (unset: the checkpoint decides). An int4 scheme without a group size gets one per model
-    (`fit_group_size`)."""
+    point), or None (unset: the checkpoint decides). `extra` None: DEFAULT_EXTRA; "none" or empty: the decoder
+    layers only. An int4 scheme without a group size gets one per model (`fit_group_size`)."""
     if isinstance(choice, QuantScheme):
         return choice
+    if choice not in (None, "none") and extra is None:
+        extra = DEFAULT_EXTRA
+    extra = () if extra is None or extra == "none" else extra
     parts = tuple(p.strip() for p in extra.split(",") if p.strip()) if isinstance(extra, str) else tuple(extra)
     if choice not in (None, *CHOICES):
         raise QuantizationError(f"unknown quantization {choice!r}: use one of {', '.join(CHOICES)}")

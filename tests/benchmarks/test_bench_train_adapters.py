@@ -30,7 +30,7 @@ def test_random_base_has_every_weight_and_computes(conf_dir: Path, quantize: str
     assert not any(p.is_meta for p in model.parameters())
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     assert bool(quantized) == (quantize != "none")
-    assert all(n.startswith("language.model.") for n in quantized)
+    assert all(n.startswith("language.model.") or n == "language.lm_head" for n in quantized)  # lm_head: default
     assert model.language.model.layers[1].mlp.gate.weight.dtype == torch.float32  # routers stay float32
     assert model.language.model.norm.weight.eq(1).all()
     with torch.no_grad():
