@@ -1,8 +1,12 @@
-"""Data of the adapter recipe: "What color is the <shape>?" about the synthetic shape scenes, answered "<Color>.".
+"""Data of the adapter recipe: "What color is the <shape>?" about the synthetic shape scenes, answered
+"The <shape> is <color>.".
 
 The scenes and images are the synthetic generator's (`dsvl2.train.synthetic.generate_dataset`, caption task); each
 record asks about a shape that appears once in its scene. The default model was never asked this: it describes a
-scene in one sentence, so the adapter must learn to pick one shape's colour out and answer with it alone.
+scene in one sentence, so the adapter must learn to pick one shape's colour out. The answer names the shape again
+and the colour as the captions write it (" yellow", one token of the tokenizer), not "Yellow." (three pieces, the
+first shared with other colours: "B" begins both "Blue" and "Black"), so that the adapter learns the colour, not
+its spelling.
 
     python recipes/adapter_shape_color/make_data.py            # writes data/train/ and data/test/ here
 """
@@ -32,10 +36,10 @@ def color_records(folder: Path, split: str, rng: np.random.Generator) -> list[di
         if not unique:
             continue
         asked = unique[int(rng.integers(len(unique)))]
-        answer = asked["color"]
+        answer = f"The {asked['shape']} is {asked['color']}."
         records.append({
             "messages": [{"role": "user", "content": f"What color is the {asked['shape']}?\n<image>"},
-                         {"role": "assistant", "content": answer.capitalize() + "."}],
+                         {"role": "assistant", "content": answer}],
             "images": scene["images"], "task": "vqa", "answers": [answer],
         })
     return records
