@@ -42,8 +42,7 @@ class _QuantizedMatmul(torch.autograd.Function):
         from dsvl2 import machine
 
         compute = grad.dtype
-        if grad.device.type == "cpu" and compute in (torch.bfloat16, torch.float16) and not (
-                compute == torch.bfloat16 and machine.has_native_bf16()):
+        if grad.device.type == "cpu" and not machine.computes_natively(compute):
             compute = torch.float32  # a CPU without native 16-bit arithmetic runs 16-bit matmuls as generic loops
         weight = ctx.prepared.dequantize().to(device=grad.device, dtype=compute)
         return (grad.to(compute) @ weight).to(grad.dtype), None
