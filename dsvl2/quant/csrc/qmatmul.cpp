@@ -523,6 +523,8 @@ int dsvl2_moe(const void* x, int dt, int64_t M, int64_t K, const int64_t* table,
       for (int64_t i = 0; i < width; ++i) scalar_store(out, m * K + c + i, dt, acc[i]);
     }
   }
+  // Decoding reuses the buffers step after step; a prefill chunk's (tens of MB over 64 experts) are handed back.
+  if (M > 64) std::vector<Job>().swap(jobs);
   return 0;
 }
 
