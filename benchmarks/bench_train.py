@@ -66,11 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the adapter rows (Tiny bfloat16 base, Small int4 base) instead of full training")
     parser.add_argument("--rank", type=int, default=16, help="adapter rank (--adapters)")
     parser.add_argument("--tokens", type=int, default=1024, help="tokens of the one sample per step (--adapters)")
-    parser.add_argument("--compute", choices=("bfloat16", "float32"), default="bfloat16",
+    parser.add_argument("--compute", choices=("bfloat16", "float32"), default=None,
                         help="--adapters: bfloat16 autocast over bfloat16 weights (the rows' definition), or float32 "
-                             "arithmetic over float32 unquantized weights (CPUs without native bfloat16 matmuls)")
+                             "arithmetic over float32 unquantized weights (default: bfloat16 where the CPU multiplies "
+                             "it natively or on a GPU, else float32: PyTorch's bfloat16 matmuls are generic loops)")
     parser.add_argument("--rows", default=",".join(ADAPTER_ROWS), help="--adapters: the rows to run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compute is None:
+        import torch
+
+        from dsvl2.machine import computes_natively
+
+        gpu = torch.cuda.is_available() if args.device == "auto" else args.device != "cpu"
+        args.compute = "bfloat16" if gpu or computes_natively(torch.bfloat16) else "float32"
+    return args
 
 
 def _write_data(folder: Path, image_size: str, answer_words: int) -> Path:
