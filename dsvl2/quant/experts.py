@@ -51,7 +51,6 @@ class FusedExperts:
                         for mlp in [*experts, *([shared] if shared is not None else [])]]
         self.table = torch.tensor(table, dtype=torch.int64)
         self.shared = None if shared_desc is None else torch.tensor(shared_desc, dtype=torch.int64)
-        self.hidden = experts[0].down_proj.out_features
 
     @classmethod
     def build(cls, experts: nn.ModuleList, shared: nn.Module | None) -> FusedExperts | None:
