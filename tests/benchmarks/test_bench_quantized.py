@@ -3,7 +3,6 @@ memory checks, the weight-byte count and the KL measure."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -12,24 +11,17 @@ import torch
 
 from dsvl2.checkpoint import checkpoint_files, load_model
 from dsvl2.config import load_json
-from tests.conformance_data import REPO, conformance_dir, conformance_variants
+from tests.benchmarks import load_bench
+from tests.conformance_data import conformance_dir, conformance_variants
 
-BENCH = REPO / "benchmarks"
 # The writer copies the fixtures' tokenizer, and the released configs sit beside them.
 pytestmark = pytest.mark.skipif("small_like" not in conformance_variants(),
                                 reason=f"no conformance fixtures at {conformance_dir()}")
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("bench_quantized")
+    return load_bench("bench_quantized")
 
 
 def small_config() -> dict:
@@ -112,7 +104,7 @@ def test_estimate_orders_the_schemes(bench):
 
 
 def test_kl_is_zero_for_equal_logits_and_matches_the_definition():
-    quality = load_script("bench_quant_quality")
+    quality = load_bench("bench_quant_quality")
     p = torch.tensor([[0.0, 1.0, 2.0]])
     assert float(quality.kl_per_position(p, p)) == 0.0
     q = torch.tensor([[2.0, 1.0, 0.0]])
@@ -122,7 +114,7 @@ def test_kl_is_zero_for_equal_logits_and_matches_the_definition():
 
 
 def test_answer_positions_are_the_ones_before_each_label():
-    quality = load_script("bench_quant_quality")
+    quality = load_bench("bench_quant_quality")
     labels = torch.tensor([[-100, -100, 5, 6, -100]])
     assert quality.answer_positions(labels, -100).tolist() == [[False, True, True, False, False]]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,20 +9,14 @@ import sys
 import pytest
 import torch
 
+from tests.benchmarks import load_bench
 from tests.conformance_data import REPO
 
 SCRIPT = REPO / "benchmarks" / "bench_reader.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_reader", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_object_features_sit_on_the_tokens_under_each_object():
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     features = bench.ExactFeatures(8, "object")
     objects = [{"color": "red", "shape": "circle", "box": [0, 0, 499, 499]},
                {"color": "red", "shape": "square", "box": [500, 500, 999, 999]}]
@@ -44,7 +37,7 @@ def test_object_features_sit_on_the_tokens_under_each_object():
 
 
 def test_scene_features_give_every_global_token_the_same_counts():
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     features = bench.ExactFeatures(8, "scene")
     objects = [{"color": "red", "shape": "circle", "box": [0, 0, 10, 10]}]
     out = features(objects, [(500.0, 500.0), (5.0, 5.0), None], global_tokens=2)
@@ -69,7 +62,7 @@ def test_the_language_model_learns_total_counts_from_scene_features(tmp_path):
 
 
 def test_relevance_labels_mark_the_tokens_on_the_shapes_the_question_counts():
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     objects = [{"color": "red", "shape": "circle", "box": [0, 0, 499, 499]},
                {"color": "blue", "shape": "circle", "box": [500, 500, 999, 999]}]
     centres = [(100.0, 100.0), (700.0, 700.0), (700.0, 100.0), None, (100.0, 100.0)]
@@ -98,7 +91,7 @@ def test_the_relevance_loss_runs_and_is_reported(tmp_path):
 
 
 def test_feature_scale_multiplies_every_feature_and_frozen_features_run(tmp_path):
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     torch.manual_seed(0)
     plain = bench.ExactFeatures(8, "object")
     scaled = bench.ExactFeatures(8, "object", scale=50.0)
@@ -117,7 +110,7 @@ def test_feature_scale_multiplies_every_feature_and_frozen_features_run(tmp_path
 
 
 def test_noise_names_a_wrong_colour_or_kind_at_the_asked_rate():
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     objects = [{"color": "red", "shape": "circle", "box": [0, 0, 999, 999]}]
     red, circle = bench.COLOURS.index("red"), bench.KINDS.index("circle")
     colours, kinds = len(bench.COLOURS), len(bench.KINDS)
@@ -147,7 +140,7 @@ def test_tower_features_are_the_image_tokens_the_checkpoint_gives_its_language_m
     from dsvl2.processor import Processor
     from dsvl2.train.synthetic import generate_records
 
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     processor = Processor.from_pretrained(default_model_dir())
     tower = bench.TowerFeatures(default_model_dir())
     (record, sample, centres), *_ = bench.make_examples(processor, 12, 7, "test", "all", tower)
@@ -166,7 +159,7 @@ def test_tower_features_are_the_image_tokens_the_checkpoint_gives_its_language_m
 
 
 def test_whitening_gives_the_tower_features_zero_mean_and_equal_variance_in_every_direction():
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     generator = torch.Generator().manual_seed(0)
     mixing = torch.randn(6, 6, generator=generator) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 0.01])
     examples = [({"image_tokens": torch.randn(50, 6, generator=generator) @ mixing + 3.0}, None, None)
@@ -180,7 +173,7 @@ def test_whitening_gives_the_tower_features_zero_mean_and_equal_variance_in_ever
 
 
 def test_rescaling_gives_the_fitted_tower_features_the_rms_and_the_others_the_same_factor():
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     generator = torch.Generator().manual_seed(0)
     fit = [({"image_tokens": torch.randn(50, 6, generator=generator) * 2.0 + 1.0}, None, None) for _ in range(4)]
     other = [({"image_tokens": torch.randn(50, 6, generator=generator) * 7.0}, None, None)]
@@ -222,7 +215,7 @@ def test_settings_of_other_features_are_refused(flags, message):
 
 
 def test_tower_mix_adds_the_tower_tokens_at_a_multiple_of_the_features_size():
-    bench = load_bench()
+    bench = load_bench("bench_reader")
     objects = [{"color": "red", "shape": "circle", "box": [0, 0, 499, 499]}]
     centres = [(100.0, 100.0), (700.0, 700.0), None]
     plain = bench.ExactFeatures(8, "object")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,21 +17,14 @@ from dsvl2.config import load_model_config
 from dsvl2.defaults import default_model_dir
 from dsvl2.processor import Processor
 from dsvl2.projector import stitch_tiles
+from tests.benchmarks import load_bench
 from tests.conformance_data import REPO
 
 SCRIPT = REPO / "benchmarks" / "bench_tower_reading.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_tower_reading", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while they are made
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_build_tower_loads_a_checkpoints_tower_or_makes_a_fresh_one():
-    bench = load_bench()
+    bench = load_bench("bench_tower_reading")
     folder = default_model_dir()
     cfg = load_model_config(folder).vision
     shipped = load_model(folder).vision.patch_embed.proj.weight
@@ -43,14 +35,14 @@ def test_build_tower_loads_a_checkpoints_tower_or_makes_a_fresh_one():
 
 
 def test_ctc_decode_merges_repeats_and_drops_blanks():
-    bench = load_bench()
+    bench = load_bench("bench_tower_reading")
     zero, one, a = (bench.ALPHABET.index(c) + 1 for c in "01a")
     assert bench.ctc_decode([0, zero, zero, 0, zero, one, one, 0, a]) == "001a"
     assert bench.ctc_decode([0, 0]) == ""
 
 
 def test_line_rows_cover_the_ink_of_each_line_in_the_padded_view():
-    bench = load_bench()
+    bench = load_bench("bench_tower_reading")
     boxes = [["a", 10, 20, 30, 50, 0], ["b", 30, 22, 50, 52, 0], ["c", 10, 70, 30, 100, 1]]
     # scaled by 0.5 and shifted down 40 px: line 0 spans y 50..66 (rows 3..4 of 16 px), line 1 75..90 (4..5)
     assert bench.line_rows(boxes, 0, 0.5, 40, 16) == (3, 4)
@@ -58,7 +50,7 @@ def test_line_rows_cover_the_ink_of_each_line_in_the_padded_view():
 
 
 def test_text_images_bands_hold_the_dark_ink():
-    bench = load_bench()
+    bench = load_bench("bench_tower_reading")
     processor = Processor.from_pretrained(default_model_dir())
     size = processor.tile_size
     for item in bench.text_images(processor, 6, 3, "test", 16):
@@ -83,7 +75,7 @@ class _TileAndPatchIndex(nn.Module):
 
 
 def test_patch_grid_stitches_row_major_tiles_into_the_view():
-    bench = load_bench()
+    bench = load_bench("bench_tower_reading")
     reader = bench.LineReader.__new__(bench.LineReader)
     nn.Module.__init__(reader)
     reader.tower, reader.outputs = _TileAndPatchIndex(), 1

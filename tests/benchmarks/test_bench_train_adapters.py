@@ -3,7 +3,6 @@ installed quantized, nothing left on the meta device) and computes finite logits
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,22 +10,13 @@ import pytest
 import torch
 
 from dsvl2.quant.linear import QuantizedLinear
-from tests.conformance_data import REPO
-
-SCRIPT = REPO / "benchmarks" / "bench_train.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmarks import load_bench
 
 
 @pytest.mark.parametrize(("quantize", "dtype"), [("int4", torch.float32), ("none", torch.bfloat16)])
 def test_random_base_has_every_weight_and_computes(conf_dir: Path, quantize: str, dtype: torch.dtype) -> None:
     raw = json.loads((conf_dir / "small_like" / "config.json").read_text())
-    model = load_bench().random_base(raw, quantize, dtype)
+    model = load_bench("bench_train").random_base(raw, quantize, dtype)
     assert not any(p.is_meta for p in model.parameters())
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     assert bool(quantized) == (quantize != "none")
