@@ -497,14 +497,13 @@ def measure(folder: Path, model: str, scheme: str, args: argparse.Namespace) -> 
 def estimate_parts(config: dict, scheme: str, group_size: int | None, also: str = "") -> dict[str, int]:
     """What a load needs resident by the engine's own estimate (dsvl2.quant.memory: bfloat16 weights with
     `scheme`'s layers quantized, and the runtime), as a dict so later parts can be added beside it."""
-    from dsvl2.machine import computes_natively
-    from dsvl2.quant.memory import resident_bytes
+    from dsvl2.quant.memory import engine_float32_layers, resident_bytes
     from dsvl2.quant.scheme import parse_scheme
 
     cfg = model_config_from_dict(config)
     parsed = parse_scheme(scheme, group_size if scheme == "int4" else None, also or None)  # "": the default parts
     quant = None if isinstance(parsed, str) or parsed is None else parsed
-    wide = () if computes_natively(torch.bfloat16) else ("kv_b_proj",)  # as the loader's check counts it
+    wide = engine_float32_layers(torch.device("cpu"), torch.bfloat16)  # as the loader's check counts it
     return {"engine_estimate": int(resident_bytes(cfg, torch.bfloat16, quant, float32_layers=wide))}
 
 

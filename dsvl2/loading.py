@@ -18,10 +18,9 @@ from dsvl2.adapters.peft_format import load_adapter, read_adapter
 from dsvl2.checkpoint import SAFETENSORS_DTYPES, checkpoint_files, checkpoint_scheme, load_model, read_header
 from dsvl2.config import ModelFolder
 from dsvl2.errors import InputError
-from dsvl2.machine import computes_natively
 from dsvl2.model import DeepseekVL2
 from dsvl2.processor import Processor
-from dsvl2.quant.memory import available_bytes, check_fits, kv_cache_bytes
+from dsvl2.quant.memory import available_bytes, check_fits, engine_float32_layers, kv_cache_bytes
 from dsvl2.quant.scheme import QUANTIZED_DTYPES, QuantScheme, parse_scheme, resolve_scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,11 +143,8 @@ def load(
     if check_memory:
         where = "the GPU" if device.type == "cuda" else "this machine"
         cache = kv_cache_bytes(folder.config.language, dtype, cache_slots, cache_len)
-        # The engine holds kv_b_proj in float32 where the CPU has no arithmetic of the model's dtype
-        # (dsvl2.engine.kernels, the attention part).
-        wide = ("kv_b_proj",) if device.type == "cpu" and not computes_natively(dtype) else ()
         check_fits(folder.config, dtype, scheme, available_bytes(device), cache, can_quantize=checkpoint is None,
-                   where=where, float32_layers=wide)
+                   where=where, float32_layers=engine_float32_layers(device, dtype))
     if adapters:
         for path in adapters.values():  # a bad adapter is reported before the weights are read
             read_adapter(path)

@@ -16,6 +16,7 @@ import torch
 
 from dsvl2.config import LanguageConfig, ModelConfig, ProjectorConfig, VisionConfig
 from dsvl2.errors import InputError
+from dsvl2.machine import computes_natively
 from dsvl2.quant.scheme import DEFAULT_GROUP_SIZE, QuantScheme, fit_group_size, parse_scheme
 
 GB = 1e9
@@ -175,6 +176,12 @@ def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, scheme: QuantScheme | Non
             weight = n * k // 2 + 4 * n * (k // scheme.group_size)  # float16 scale and min per group
         total += lin.count * (weight + (n * size if lin.bias else 0))
     return total
+
+
+def engine_float32_layers(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """The floating-point layers the engine holds in float32 whatever `dtype` (for `weight_bytes`): kv_b_proj on a
+    CPU without arithmetic of `dtype` (dsvl2.engine.kernels' attention part)."""
+    return ("kv_b_proj",) if device.type == "cpu" and not computes_natively(dtype) else ()
 
 
 def kv_cache_bytes(cfg: LanguageConfig, dtype: torch.dtype, slots: int, max_len: int | None) -> int:
